@@ -1,0 +1,3 @@
+from relayprobe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,337 @@
+"""Settings from defaults, a TOML file, `RELAYPROBE_*` variables and options, in rising precedence.
+
+Each setting is a field of `Settings`; its metadata says how to parse it and which commands take it
+as an option, so the file keys, variables and options can't drift apart. Bad input raises
+`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relayprobe.hostname import is_hostname
+from relayprobe.probes import SUITES, Probe, build_suite
+
+ENV_PREFIX = "RELAYPROBE_"
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the key and says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {value!r}")
+    return value
+
+
+def parse_port(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a port number, got {value!r}")
+    try:
+        port = int(value) if isinstance(value, int) else int(_text(value), 10)
+    except ValueError:
+        raise ValueError(f"expected a port number, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return port
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(_text(value))
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
+def parse_seconds(value: object) -> float:
+    seconds = _number(value)
+    if not 0 < seconds < 86400:
+        raise ValueError(f"expected a number of seconds above 0, got {value!r}")
+    return seconds
+
+
+def parse_seconds_or_zero(value: object) -> float:
+    return 0.0 if _number(value) == 0 else parse_seconds(value)
+
+
+def parse_count(value: object) -> int:
+    number = _number(value)
+    if number != int(number) or number < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return int(number)
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_hostname(value: object) -> str:
+    name = _text(value)
+    if not is_hostname(name):
+        raise ValueError(f"{name!r} is not a dotted host name")
+    return name.lower()
+
+
+def parse_endpoint(value: object) -> Endpoint:
+    """`ADDR:PORT`: `0.0.0.0:23`, `127.0.0.1:2323`, `[::]:23`, `[::1]:2323`."""
+    text = _text(value)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected ADDR:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not isinstance(_ip(host, text), ipaddress.IPv6Address):
+            raise ValueError(f"only IPv6 addresses go in brackets: {text!r}")
+    elif not isinstance(_ip(host, text), ipaddress.IPv4Address):
+        raise ValueError(f"write IPv6 addresses in brackets, as [::1]:2323: {text!r}")
+    return Endpoint(str(ipaddress.ip_address(host)), parse_port(port))
+
+
+def _ip(host: str, text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} in {text!r} is not an IP address") from None
+
+
+def parse_suite(value: object) -> str:
+    name = _text(value)
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r} (known: {', '.join(SUITES)})")
+    return name
+
+
+def parse_log_format(value: object) -> str:
+    name = _text(value)
+    if name not in {"json", "console", "auto"}:
+        raise ValueError(f"expected json, console or auto, got {name!r}")
+    return name
+
+
+def _option(
+    parse: Callable[[object], Any],
+    help: str,
+    *,
+    commands: frozenset[str] = frozenset({"check", "serve"}),
+    metavar: str | None = None,
+    many: bool = False,
+    flag: bool = False,
+    file_only: bool = False,
+) -> dict[str, Any]:
+    return {
+        "parse": parse,
+        "help": help,
+        "commands": commands,
+        "metavar": metavar,
+        "many": many,
+        "flag": flag,
+        "file_only": file_only,
+    }
+
+
+_SERVE = frozenset({"serve"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    listen: tuple[Endpoint, ...] = field(
+        default=(Endpoint("0.0.0.0", 23), Endpoint("::", 23)),  # noqa: S104 - a public service
+        metadata=_option(
+            parse_endpoint,
+            "address to accept telnet callers on (repeatable)",
+            commands=_SERVE,
+            metavar="ADDR:PORT",
+            many=True,
+        ),
+    )
+    test_domain: str = field(
+        default="relaytest.invalid",
+        metadata=_option(parse_hostname, "the test domain: recipients of the probes", metavar="D"),
+    )
+    helo_name: str = field(
+        default="relayprobe.invalid",
+        metadata=_option(parse_hostname, "name to give in EHLO/HELO", metavar="NAME"),
+    )
+    foreign_domain: str = field(
+        default="example.net",
+        metadata=_option(parse_hostname, "a third-party sender domain", metavar="D"),
+    )
+    target_port: int = field(
+        default=25, metadata=_option(parse_port, "port to test on the mail server", metavar="N")
+    )
+    suite: str = field(
+        default="classic",
+        metadata=_option(parse_suite, f"probe suite: {' or '.join(SUITES)}", metavar="NAME"),
+    )
+    probes: tuple[Probe, ...] = field(
+        default=(),
+        metadata=_option(lambda value: value, "extra probes", file_only=True),
+    )
+    connect_timeout: float = field(
+        default=10.0,
+        metadata=_option(parse_seconds, "seconds to wait for the TCP connection", metavar="S"),
+    )
+    reply_timeout: float = field(
+        default=30.0, metadata=_option(parse_seconds, "seconds to wait for each reply", metavar="S")
+    )
+    deadline: float = field(
+        default=300.0, metadata=_option(parse_seconds, "seconds a whole test may take", metavar="S")
+    )
+    rdns_timeout: float = field(
+        default=2.0, metadata=_option(parse_seconds, "seconds to wait for reverse DNS", metavar="S")
+    )
+    max_sessions: int = field(
+        default=200,
+        metadata=_option(parse_count, "tests running at once", commands=_SERVE, metavar="N"),
+    )
+    motd: str = field(
+        default="",
+        metadata=_option(_text, "greeting shown to callers", commands=_SERVE, metavar="TEXT"),
+    )
+    log_format: str = field(
+        default="auto",
+        metadata=_option(
+            parse_log_format,
+            "json, console, or auto (console on a terminal)",
+            commands=_SERVE,
+            metavar="FORMAT",
+        ),
+    )
+
+    @property
+    def probe_suite(self) -> tuple[Probe, ...]:
+        return (*SUITES[self.suite], *self.probes)
+
+
+def _parse_probes(value: object) -> tuple[Probe, ...]:
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise ValueError("expected [[probes]] tables with name, mail_from and rcpt_to")
+    for entry in value:
+        unknown = set(entry) - {"name", "mail_from", "rcpt_to"}
+        if unknown or len(entry) != 3 or not all(isinstance(v, str) for v in entry.values()):
+            raise ValueError(f"each probe needs text name, mail_from and rcpt_to only: {entry!r}")
+    return build_suite("classic", value)[len(SUITES["classic"]) :]
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def option_flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add an option for every setting `command` takes; unset options stay absent."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML config file", default=argparse.SUPPRESS
+    )
+    for key, f in _FIELDS.items():
+        meta = f.metadata
+        if command not in meta["commands"] or meta["file_only"]:
+            continue
+        names = [option_flag(key)]
+        if key == "target_port" and command == "check":
+            names.insert(0, "--port")
+        parser.add_argument(
+            *names,
+            dest=key,
+            metavar=meta["metavar"],
+            help=f"{meta['help']} (default {_show_default(f.default)}; env {env_name(key)})",
+            action="append" if meta["many"] else "store",
+            default=argparse.SUPPRESS,
+        )
+
+
+def _show_default(value: object) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(item) for item in value) or "none"
+    return str(value) if value != "" else "none"
+
+
+def _parse(key: str, raw: object, label: str) -> Any:
+    meta = _FIELDS[key].metadata
+    try:
+        if key == "probes":
+            return _parse_probes(raw)
+        if meta["many"]:
+            items: Sequence[object]
+            if isinstance(raw, str):
+                items = [item for item in raw.split(",") if item.strip()]
+            elif isinstance(raw, list | tuple):
+                items = raw
+            else:
+                raise ValueError(f"expected a list, got {raw!r}")
+            return tuple(
+                meta["parse"](item.strip() if isinstance(item, str) else item) for item in items
+            )
+        return meta["parse"](raw)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+
+
+def load_settings(
+    options: Mapping[str, object], *, environ: Mapping[str, str] = os.environ
+) -> Settings:
+    """Settings from the parsed options (only those given), the environment and the config file."""
+    values: dict[str, Any] = {}
+    config_path = options.get("config") or environ.get(env_name("config"))
+    if config_path:
+        data = read_file(str(config_path))
+        for key, raw in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"config file {config_path}: unknown key {key!r}")
+            values[key] = _parse(key, raw, f"config file {config_path}: {key}")
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == env_name("config"):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in _FIELDS or _FIELDS[key].metadata["file_only"]:
+            raise ConfigError(f"environment: unknown variable {name}")
+        values[key] = _parse(key, raw, name)
+    for key, raw in options.items():
+        if key in _FIELDS:
+            values[key] = _parse(key, raw, option_flag(key))
+    return Settings(**values)

@@ -1,0 +1,147 @@
+"""A small in-process mail server for the demo, the benchmarks and the tests.
+
+It speaks just enough SMTP to be tested: a relay policy decides each RCPT, messages after DATA are
+read (bounded) and dropped. Subclasses change single replies to play tarpits and hostile servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MAX_LINE = 4096
+MAX_MESSAGE = 1 << 20
+
+
+def relays_nothing(rcpt: bytes) -> bool:
+    return False
+
+
+def relays_everything(rcpt: bytes) -> bool:
+    return True
+
+
+def relays_like_qmail(rcpt: bytes) -> bool:
+    """qmail says 250 at RCPT to `%`, `!` and double-`@` local parts, then bounces them."""
+    address = rcpt.removeprefix(b"TO:").strip(b"<>")
+    return b"%" in address or b"!" in address or address.count(b"@") > 1 or b'"' in address
+
+
+@dataclass
+class SessionState:
+    number: int
+    commands: list[bytes] = field(default_factory=list)
+    rcpt_count: int = 0
+
+
+class FakeMailServer:
+    """Records every command line it receives, byte-exact, across all sessions."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str = "mx.fake.test",
+        relay: Callable[[bytes], bool] = relays_nothing,
+        reply_delay: float = 0.0,
+    ) -> None:
+        self.hostname = hostname
+        self.relay = relay
+        self.reply_delay = reply_delay
+        self.commands: list[bytes] = []
+        self.sessions = 0
+        self.messages: list[bytes] = []
+        self.quits = 0
+        self.closed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port, backlog=2048)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # Hooks that subclasses override
+
+    def greeting(self, session: SessionState) -> bytes | None:
+        return f"220 {self.hostname} ESMTP fake".encode()
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        """The reply to one command line, or None to stay silent and close."""
+        verb, _, argument = line.partition(b" ")
+        verb = verb.upper()
+        if verb == b"EHLO":
+            return f"250-{self.hostname}\r\n250-PIPELINING\r\n250 8BITMIME".encode()
+        if verb == b"HELO":
+            return f"250 {self.hostname}".encode()
+        if verb == b"MAIL":
+            return b"250 2.1.0 Ok"
+        if verb == b"RCPT":
+            session.rcpt_count += 1
+            if self.relay(argument):
+                return b"250 2.1.5 Ok"
+            return b"554 5.7.1 Relay access denied"
+        if verb == b"DATA":
+            return b"354 End data with <CR><LF>.<CR><LF>"
+        if verb in {b"RSET", b"NOOP"}:
+            return b"250 2.0.0 Ok"
+        if verb == b"QUIT":
+            return b"221 2.0.0 Bye"
+        return b"502 5.5.2 Command not recognized"
+
+    # The connection
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sessions += 1
+        session = SessionState(self.sessions)
+        try:
+            await self._converse(reader, writer, session)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            self.closed.set()
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
+        writer.write(reply + b"\r\n")
+        await writer.drain()
+
+    async def _converse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: SessionState
+    ) -> None:
+        greeting = self.greeting(session)
+        if greeting is None:
+            await reader.read(MAX_LINE)
+            return
+        await self._send(writer, greeting)
+        while line := await reader.readuntil(b"\r\n"):
+            command = line[:-2][:MAX_LINE]
+            self.commands.append(command)
+            session.commands.append(command)
+            reply = self.reply(command, session)
+            if reply is None:
+                return
+            await self._send(writer, reply)
+            if command.upper() == b"QUIT":
+                self.quits += 1
+                return
+            if command.upper() == b"DATA" and reply.startswith(b"354"):
+                self.messages.append(await self._message(reader))
+                await self._send(writer, b"250 2.0.0 Ok: queued")
+
+    async def _message(self, reader: asyncio.StreamReader) -> bytes:
+        lines: list[bytes] = []
+        size = 0
+        while (line := await reader.readuntil(b"\r\n")) != b".\r\n":
+            size += len(line)
+            if size <= MAX_MESSAGE:
+                lines.append(line)
+        return b"".join(lines)

@@ -1,0 +1,30 @@
+"""Is this string a host name we may put into a command? Pure."""
+
+from __future__ import annotations
+
+import re
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_hostname(name: str) -> bool:
+    """A dotted LDH name whose last label is not numeric (so no bare IP address)."""
+    labels = name.split(".")
+    return (
+        len(name) <= 253
+        and len(labels) >= 2
+        and all(_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def banner_hostname(banner: bytes) -> str | None:
+    """The first word after the code in a 220 greeting, when it is a host name."""
+    words = banner[4:].split(None, 1)
+    if not words:
+        return None
+    try:
+        word = words[0].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return word if is_hostname(word) else None

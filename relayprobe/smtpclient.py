@@ -1,0 +1,143 @@
+"""The outbound SMTP connection of a relay test: the one module that uses aiosmtplib.
+
+Commands go out byte-exact through `execute_command`, never through `mail()`/`rcpt()`, which
+parse and re-quote addresses. aiosmtplib's failures become the built-in exception types below.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import aiosmtplib
+
+# aiosmtplib refuses a reply over 32 KiB (or a line over 8 KiB) and forgets it; that bound is ours too.
+_TOO_LONG = "Response too long"
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
+
+
+class ServerDisconnected(ConnectionError):
+    """The server closed the connection."""
+
+
+class ReplyTimeout(TimeoutError):
+    """The server did not answer within the reply timeout."""
+
+
+class BadReply(ValueError):
+    """A reply too long to keep, or not SMTP at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    lines: tuple[bytes, ...]
+    """Each line as the server sent it, with its code and `-` or space."""
+
+    @property
+    def text(self) -> bytes:
+        return b" ".join(line[4:] for line in self.lines)
+
+
+def _reply(response: aiosmtplib.SMTPResponse) -> Reply:
+    # aiosmtplib joins multi-line replies with "\n" and drops the per-line codes: put them back.
+    texts = response.message.encode("utf-8", "surrogateescape").split(b"\n")
+    code = str(response.code).encode()
+    lines = [code + b"-" + text for text in texts[:-1]]
+    lines.append(code + (b" " + texts[-1] if texts[-1] else b""))
+    return Reply(response.code, tuple(lines))
+
+
+def _translate(exc: aiosmtplib.SMTPException) -> Exception:
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return ServerDisconnected(str(exc))
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return ReplyTimeout(str(exc))
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.message == _TOO_LONG:
+        return BadReply("reply over 32 KiB or a line over 8 KiB")
+    return BadReply(str(exc))
+
+
+class SMTPSession:
+    """One SMTP connection to the tested server."""
+
+    def __init__(self, *, helo_name: str, reply_timeout: float) -> None:
+        self._smtp = aiosmtplib.SMTP(
+            timeout=reply_timeout,
+            start_tls=False,
+            use_tls=False,
+            # Given, so aiosmtplib never looks up our own name in DNS.
+            local_hostname=helo_name,
+        )
+        self._reply_timeout = reply_timeout
+
+    async def connect(self, host: str, port: int, *, connect_timeout: float) -> Reply:
+        """Connect and return the greeting, whatever its code.
+
+        Raises ConnectionRefusedError, TimeoutError (no connection), OSError, ServerDisconnected,
+        ReplyTimeout or BadReply.
+        """
+        # aiosmtplib applies one timeout to the TCP connect and to the greeting: take the larger
+        # and bound the greeting ourselves below.
+        try:
+            response = await self._smtp.connect(
+                hostname=host, port=port, timeout=max(connect_timeout, self._reply_timeout)
+            )
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            return _reply(aiosmtplib.SMTPResponse(exc.code, exc.message))
+        except aiosmtplib.SMTPConnectTimeoutError as exc:
+            if "ready message" in str(exc):
+                raise ReplyTimeout("no greeting") from exc
+            raise TimeoutError("no connection") from exc
+        except aiosmtplib.SMTPConnectError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError):
+                raise cause from None
+            if isinstance(cause, aiosmtplib.SMTPServerDisconnected):
+                raise ServerDisconnected("closed before the greeting") from exc
+            raise ServerDisconnected(str(exc)) from exc
+        except aiosmtplib.SMTPException as exc:
+            raise _translate(exc) from exc
+        return _reply(response)
+
+    async def command(self, line: bytes) -> Reply:
+        """Send one command line (without CRLF) exactly as given and return the reply."""
+        try:
+            response = await self._smtp.execute_command(line)
+        except aiosmtplib.SMTPException as exc:
+            self.close()
+            raise _translate(exc) from exc
+        return _reply(response)
+
+    async def message(self, content: bytes) -> Reply:
+        """After a 354 to DATA: send the message, dot-stuffed and terminated, and return the reply."""
+        protocol = self._smtp.protocol
+        if protocol is None:
+            raise ServerDisconnected("not connected")
+        body = _DOT_AT_LINE_START.sub(b"..", content)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        try:
+            protocol.write(body + b".\r\n")
+            response = await protocol.read_response(timeout=self._reply_timeout)
+        except aiosmtplib.SMTPException as exc:
+            self.close()
+            raise _translate(exc) from exc
+        return _reply(response)
+
+    def send_quit_and_close(self) -> None:
+        """Say QUIT without waiting for the answer, then close: for a test that was cancelled."""
+        protocol = self._smtp.protocol
+        if protocol is not None and self._smtp.is_connected:
+            try:
+                protocol.write(b"QUIT\r\n")
+            except aiosmtplib.SMTPException:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        self._smtp.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._smtp.is_connected

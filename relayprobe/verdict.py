@@ -1,0 +1,92 @@
+"""From probe outcomes to the verdict and the exact summary block of the spec. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relayprobe.events import Outcome, ProbeFinished
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Confirmation:
+    """How delivery confirmation went, when it was on."""
+
+    sent: tuple[str, ...]
+    """Probes whose test message the tested server accepted."""
+    arrived: tuple[str, ...]
+    wait_s: float
+
+
+def _names(probes: Sequence[str]) -> str:
+    return ", ".join(probes)
+
+
+def verdict(
+    probes: Sequence[ProbeFinished], *, incomplete: str | None, confirmation: Confirmation | None
+) -> str:
+    """`rejected`, `accepted`, `relayed` or `incomplete`, as in the JSON result."""
+    if confirmation is not None and confirmation.arrived:
+        return "relayed"
+    if any(probe.outcome in (Outcome.ACCEPTED, Outcome.RELAYED) for probe in probes):
+        return "accepted"
+    if incomplete is not None or any(probe.outcome is Outcome.ERROR for probe in probes):
+        return "incomplete"
+    return "rejected"
+
+
+def summary_lines(
+    probes: Sequence[ProbeFinished],
+    *,
+    banner: str | None,
+    incomplete: str | None,
+    confirmation: Confirmation | None,
+    notes: Sequence[str] = (),
+) -> tuple[str, ...]:
+    """The last lines of the transcript, worded exactly as the spec says."""
+    lines: list[str] = []
+    if banner is not None:
+        lines.append(f"Tested host banner: {banner}")
+    accepted = [p.name for p in probes if p.outcome in (Outcome.ACCEPTED, Outcome.RELAYED)]
+    errors = [p.name for p in probes if p.outcome is Outcome.ERROR]
+    deferred = [p.name for p in probes if p.outcome is Outcome.DEFERRED]
+    if accepted:
+        lines.append(f"System appeared to accept {len(accepted)} relay attempts")
+    elif incomplete is not None:
+        lines.append(f"Test incomplete: {incomplete}")
+    elif errors:
+        lines.append(f"Test incomplete: {len(errors)} probes got no reply ({_names(errors)})")
+    else:
+        lines.append("System appeared to reject relay attempts")
+    if confirmation is not None and confirmation.sent:
+        sent = len(confirmation.sent)
+        if confirmation.arrived:
+            lines.append(
+                f"Relay confirmed: {len(confirmation.arrived)} of {sent} test messages arrived "
+                f"({_names(confirmation.arrived)})"
+            )
+        else:
+            lines.append(
+                f"Relay not confirmed: none of {sent} test messages arrived "
+                f"within {confirmation.wait_s:g} s"
+            )
+    if accepted and incomplete is not None:
+        lines.append(f"Note: test incomplete: {incomplete}")
+    if deferred:
+        lines.append(
+            f"Note: {len(deferred)} probes were deferred with a 4xx reply, a temporary refusal "
+            f"({_names(deferred)})"
+        )
+    if errors and (accepted or incomplete is not None):
+        lines.append(f"Note: {len(errors)} probes got no reply ({_names(errors)})")
+    lines.extend(f"Note: {note}" for note in notes)
+    return tuple(lines)
+
+
+def classify(code: int) -> Outcome:
+    """The outcome of a probe from the code of its last reply (MAIL's if refused, else RCPT's)."""
+    if 200 <= code < 300:
+        return Outcome.ACCEPTED
+    if 400 <= code < 500:
+        return Outcome.DEFERRED
+    return Outcome.REJECTED
