@@ -6,36 +6,30 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import logging
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 
+import structlog
+
 from relayprobe import __version__, runtime
 from relayprobe.config import ConfigError, Settings, add_options, load_settings
-from relayprobe.engine import TestOptions, run_relay_test
+from relayprobe.demo import run_demo
+from relayprobe.engine import run_relay_test
 from relayprobe.events import Event
+from relayprobe.logging import configure_logging
 from relayprobe.render import Transcript, json_result
+from relayprobe.server import ReflectorService, StartupError
 
 EXIT_BY_VERDICT = {"rejected": 0, "accepted": 1, "relayed": 1, "incomplete": 3}
 EXIT_USAGE = 2
+EXIT_STARTUP = 1
 
 
 class UsageError(ValueError):
     """A mistake on the command line or in the configuration: one line, exit 2."""
-
-
-def test_options(settings: Settings) -> TestOptions:
-    return TestOptions(
-        port=settings.target_port,
-        suite=settings.probe_suite,
-        helo_name=settings.helo_name,
-        test_domain=settings.test_domain,
-        foreign_domain=settings.foreign_domain,
-        connect_timeout=settings.connect_timeout,
-        reply_timeout=settings.reply_timeout,
-        deadline=settings.deadline,
-        rdns_timeout=settings.rdns_timeout,
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print the JSON result instead")
     add_options(check, "check")
+    serve = commands.add_parser("serve", help="run the telnet reflector service")
+    serve.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    add_options(serve, "serve")
+    demo = commands.add_parser("demo", help="show the service against two fake mail servers")
+    add_options(demo, "demo")
     return parser
 
 
@@ -74,10 +75,26 @@ async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
             if not as_json:
                 print(line, flush=True)
 
-    summary = await run_relay_test(address, test_options(settings), show)
+    summary = await run_relay_test(address, settings.test_options(), show)
     if as_json:
         print(json.dumps(json_result(summary, transcript.lines), indent=2))
     return EXIT_BY_VERDICT[summary.verdict]
+
+
+async def _serve(settings: Settings) -> int:
+    log = structlog.get_logger("relayprobe")
+    service = ReflectorService(settings)
+    bound = await service.start()
+    log.info("listening", addresses=[str(endpoint) for endpoint in bound])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting_down", sessions=len(service.sessions))
+    await service.shutdown()
+    log.info("stopped")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,9 +104,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args)
         if command == "check":
             return runtime.run(_check(args["target"], settings, as_json=args["json"]))
+        if command == "serve":
+            if args["check_config"]:
+                print("configuration OK")
+                return 0
+            configure_logging(settings.log_format)
+            return runtime.run(_serve(settings))
+        if command == "demo":
+            configure_logging(settings.log_format, level=logging.WARNING)
+            runtime.run(run_demo(settings))
+            return 0
     except (ConfigError, UsageError) as exc:
         print(f"relayprobe {command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StartupError as exc:
+        print(f"relayprobe {command}: {exc.strerror}", file=sys.stderr)
+        return EXIT_STARTUP
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unhandled command {command}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relayprobe.engine import RelayTestOptions
 from relayprobe.hostname import is_hostname
 from relayprobe.probes import SUITES, Probe, build_suite
 
@@ -227,9 +228,18 @@ class Settings:
         ),
     )
 
-    @property
-    def probe_suite(self) -> tuple[Probe, ...]:
-        return (*SUITES[self.suite], *self.probes)
+    def test_options(self) -> RelayTestOptions:
+        return RelayTestOptions(
+            port=self.target_port,
+            suite=(*SUITES[self.suite], *self.probes),
+            helo_name=self.helo_name,
+            test_domain=self.test_domain,
+            foreign_domain=self.foreign_domain,
+            connect_timeout=self.connect_timeout,
+            reply_timeout=self.reply_timeout,
+            deadline=self.deadline,
+            rdns_timeout=self.rdns_timeout,
+        )
 
 
 def _parse_probes(value: object) -> tuple[Probe, ...]:
@@ -260,7 +270,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     )
     for key, f in _FIELDS.items():
         meta = f.metadata
-        if command not in meta["commands"] or meta["file_only"]:
+        if meta["file_only"] or (command not in meta["commands"] and command != "demo"):
             continue
         names = [option_flag(key)]
         if key == "target_port" and command == "check":

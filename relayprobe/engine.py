@@ -42,7 +42,7 @@ QUIT_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TestOptions:
+class RelayTestOptions:
     port: int = 25
     suite: tuple[Probe, ...] = CLASSIC
     helo_name: str = "relayprobe.invalid"
@@ -57,7 +57,7 @@ class TestOptions:
     max_syntax_errors_per_session: int = 2
 
 
-class TestIncomplete(Exception):
+class IncompleteTest(Exception):
     """The test cannot go on: no usable session with the server."""
 
 
@@ -66,7 +66,7 @@ class SessionLost(ConnectionError):
 
 
 class _RelayTest:
-    def __init__(self, target: str, options: TestOptions, emit: Emit) -> None:
+    def __init__(self, target: str, options: RelayTestOptions, emit: Emit) -> None:
         self.target = target
         self.options = options
         self.emit = emit
@@ -92,7 +92,7 @@ class _RelayTest:
                     for probe in self.options.suite:
                         await self._run_probe(probe, context)
                     await self._quit()
-                except TestIncomplete as exc:
+                except IncompleteTest as exc:
                     incomplete = str(exc)
         except TimeoutError:
             if not deadline.expired():
@@ -143,7 +143,7 @@ class _RelayTest:
     # Sessions
 
     async def _open_session(self) -> None:
-        """Connect, read the greeting and say EHLO (or HELO); raise TestIncomplete if we can't."""
+        """Connect, read the greeting and say EHLO (or HELO); raise IncompleteTest if we can't."""
         for _ in range(2):
             session = SMTPSession(
                 helo_name=self.options.helo_name, reply_timeout=self.options.reply_timeout
@@ -152,7 +152,7 @@ class _RelayTest:
             self._show(greeting)
             if not 200 <= greeting.code < 300:
                 session.close()
-                raise TestIncomplete(
+                raise IncompleteTest(
                     f"server refused the session: {sanitize_line(greeting.lines[0])}"
                 )
             if self.banner is None:
@@ -165,7 +165,7 @@ class _RelayTest:
             except SessionLost as exc:
                 self._drop_session()
                 if self.use_helo or "unusable reply" not in str(exc):
-                    raise TestIncomplete(str(exc)) from None
+                    raise IncompleteTest(str(exc)) from None
                 self.use_helo = True
                 self._progress(f"{exc}; reconnecting to use HELO")
         raise AssertionError("unreachable: the second attempt returns or raises")
@@ -189,7 +189,7 @@ class _RelayTest:
         except OSError as exc:
             reason = f"cannot connect: {exc.strerror or exc}"
         session.close()
-        raise TestIncomplete(reason)
+        raise IncompleteTest(reason)
 
     async def _greet(self) -> None:
         helo_name = self.options.helo_name
@@ -208,8 +208,8 @@ class _RelayTest:
         self._progress(f"Reconnecting to {self.target} ...")
         try:
             await self._open_session()
-        except TestIncomplete as exc:
-            raise TestIncomplete(f"cannot reconnect: {exc}") from None
+        except IncompleteTest as exc:
+            raise IncompleteTest(f"cannot reconnect: {exc}") from None
 
     async def _quit(self) -> None:
         if self.session is None:
@@ -323,7 +323,7 @@ class _RelayTest:
 
 
 async def run_relay_test(
-    target: str, options: TestOptions, emit: Emit, *, ptr_lookup: PtrLookup = lookup_ptr
+    target: str, options: RelayTestOptions, emit: Emit, *, ptr_lookup: PtrLookup = lookup_ptr
 ) -> Summary:
     """Test `target` (an IP address) and return the summary; every step is passed to `emit`."""
     address = str(ipaddress.ip_address(target))

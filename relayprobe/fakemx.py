@@ -7,12 +7,12 @@ read (bounded) and dropped. Subclasses change single replies to play tarpits and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_LINE = 4096
 MAX_MESSAGE = 1 << 20
+SILENCE = b""
 
 
 def relays_nothing(rcpt: bytes) -> bool:
@@ -71,7 +71,7 @@ class FakeMailServer:
         return f"220 {self.hostname} ESMTP fake".encode()
 
     def reply(self, line: bytes, session: SessionState) -> bytes | None:
-        """The reply to one command line, or None to stay silent and close."""
+        """The reply to one command line; SILENCE to say nothing, None to hang up."""
         verb, _, argument = line.partition(b" ")
         verb = verb.upper()
         if verb == b"EHLO":
@@ -104,8 +104,6 @@ class FakeMailServer:
             pass
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
             self.closed.set()
 
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
@@ -129,7 +127,8 @@ class FakeMailServer:
             reply = self.reply(command, session)
             if reply is None:
                 return
-            await self._send(writer, reply)
+            if reply is not SILENCE:
+                await self._send(writer, reply)
             if command.upper() == b"QUIT":
                 self.quits += 1
                 return

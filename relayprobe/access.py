@@ -1,0 +1,195 @@
+"""Who may start a relay test, and how often.
+
+Pure: no I/O, and the rate limiter reads time only through the injected clock. IPv4-mapped
+IPv6 addresses (::ffff:192.0.2.1) count as the IPv4 address they carry, everywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from typing import Literal
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+Reason = Literal["address", "prefix", "global"]
+
+_MAPPED_IPV4 = IPv6Network("::ffff:0:0/96")
+
+
+def unmap_ipv4(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv4-mapped IPv6 address stands for; any other address unchanged."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_network(value: str | IPNetwork) -> IPNetwork:
+    """A network from CIDR text; host bits set ("192.0.2.1/24") is an error, not rounded."""
+    if isinstance(value, IPv4Network | IPv6Network):
+        network = value
+    else:
+        try:
+            network = ip_network(value, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"invalid network {value!r}: {exc}") from None
+    if isinstance(network, IPv6Network) and network.subnet_of(_MAPPED_IPV4):
+        # Addresses are unmapped before matching, so rules must be too.
+        return IPv4Network((int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
+    return network
+
+
+class AccessPolicy:
+    """Allow and deny lists of networks: deny wins; an empty allow list allows everyone."""
+
+    def __init__(
+        self, *, allow: Sequence[str | IPNetwork] = (), deny: Sequence[str | IPNetwork] = ()
+    ) -> None:
+        for name, values in (("allow", allow), ("deny", deny)):
+            if isinstance(values, str):
+                raise TypeError(f"{name} must be a sequence of networks, not one string")
+        self._allow = tuple(parse_network(value) for value in allow)
+        self._deny = tuple(parse_network(value) for value in deny)
+
+    def permits(self, address: IPAddress) -> bool:
+        address = unmap_ipv4(address)
+        if any(address in network for network in self._deny):
+            return False
+        return not self._allow or any(address in network for network in self._allow)
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    """Whether a test may start now; if not, which limit said no and for how long."""
+
+    allowed: bool
+    reason: Reason | None = None
+    retry_after: float = 0.0
+
+
+_Scope = Literal["address", "prefix"]
+# (scope, IP version, address or network number): one sliding-window log per key.
+_Key = tuple[_Scope, int, int]
+
+
+class RateLimiter:
+    """Limits on test starts: per address, per network prefix, and globally.
+
+    `check()` decides and, when it allows, records the start; a refusal consumes nothing.
+    Per-address and per-prefix limits are sliding windows (at most N starts in any W seconds);
+    the global limit is a token bucket. Expired entries are dropped oldest first. The global
+    rate bounds how many entries can be live at once (2 * (burst + rate * window)); beyond
+    `max_entries` the least recently used entries are forgotten, which only ever errs towards
+    allowing a test.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_address_interval: float = 60.0,
+        per_prefix: int = 10,
+        prefix_window: float = 60.0,
+        ipv4_prefix: int = 24,
+        ipv6_prefix: int = 56,
+        global_per_second: float = 5.0,
+        global_burst: int = 5,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if per_address_interval < 0 or prefix_window < 0:
+            raise ValueError("per_address_interval and prefix_window must be >= 0")
+        if per_prefix < 1:
+            raise ValueError(f"per_prefix must be >= 1, not {per_prefix}")
+        if not 0 <= ipv4_prefix <= 32:
+            raise ValueError(f"ipv4_prefix must be in 0..32, not {ipv4_prefix}")
+        if not 0 <= ipv6_prefix <= 128:
+            raise ValueError(f"ipv6_prefix must be in 0..128, not {ipv6_prefix}")
+        if global_per_second <= 0:
+            raise ValueError(f"global_per_second must be > 0, not {global_per_second}")
+        if global_burst < 1:
+            raise ValueError(f"global_burst must be >= 1, not {global_burst}")
+        # One allowed test adds up to two keys; fewer would evict the entries just written.
+        if max_entries < 2:
+            raise ValueError(f"max_entries must be >= 2, not {max_entries}")
+        self._limits: dict[_Scope, tuple[int, float]] = {
+            "address": (1, per_address_interval),
+            "prefix": (per_prefix, prefix_window),
+        }
+        self._prefix_lengths = {4: ipv4_prefix, 6: ipv6_prefix}
+        self._rate = global_per_second
+        self._burst = float(global_burst)
+        self._max_entries = max_entries
+        self._clock = clock
+        self._tokens = self._burst
+        self._refilled_at = clock()
+        # Ordered by last recorded start, so the front is always the least recently used.
+        self._logs: OrderedDict[_Key, deque[float]] = OrderedDict()
+
+    @property
+    def tracked_keys(self) -> int:
+        """How many addresses and prefixes are remembered."""
+        return len(self._logs)
+
+    def check(self, address: IPAddress) -> RateDecision:
+        """Decide whether `address` may start a test now, and record the start if so."""
+        now = self._clock()
+        self._drop_expired(now)
+        address = unmap_ipv4(address)
+        keys = (self._key("address", address), self._key("prefix", address))
+        waits: list[tuple[float, Reason]] = [(self._window_wait(key, now), key[0]) for key in keys]
+        waits.append((self._bucket_wait(now), "global"))
+        # The longest wait is the earliest moment every limit could allow the test.
+        wait, reason = max(waits, key=lambda item: item[0])
+        if wait > 0:
+            return RateDecision(allowed=False, reason=reason, retry_after=wait)
+        for key in keys:
+            self._record(key, now)
+        self._tokens -= 1
+        while len(self._logs) > self._max_entries:
+            self._logs.popitem(last=False)
+        return RateDecision(allowed=True)
+
+    def _key(self, scope: _Scope, address: IPAddress) -> _Key:
+        bits = address.max_prefixlen
+        length = bits if scope == "address" else self._prefix_lengths[address.version]
+        network = int(address) >> (bits - length) << (bits - length)
+        return scope, address.version, network
+
+    def _window_wait(self, key: _Key, now: float) -> float:
+        log = self._logs.get(key)
+        if log is None:
+            return 0.0
+        count, window = self._limits[key[0]]
+        while log and now - log[0] >= window:
+            log.popleft()
+        if not log:
+            del self._logs[key]
+            return 0.0
+        if len(log) < count:
+            return 0.0
+        # Written so that it is > 0 whenever the age test above found the entry live.
+        return window - (now - log[0])
+
+    def _bucket_wait(self, now: float) -> float:
+        elapsed = now - self._refilled_at
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+        self._refilled_at = now
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self._rate
+
+    def _record(self, key: _Key, now: float) -> None:
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = deque(maxlen=self._limits[key[0]][0])
+        else:
+            self._logs.move_to_end(key)
+        log.append(now)
+
+    def _drop_expired(self, now: float) -> None:
+        while self._logs:
+            key, log = next(iter(self._logs.items()))
+            if now - log[-1] < self._limits[key[0]][1]:
+                return
+            del self._logs[key]

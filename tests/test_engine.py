@@ -1,0 +1,384 @@
+"""The engine against in-process fake mail servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import pytest
+
+from relayprobe.engine import RelayTestOptions, run_relay_test
+from relayprobe.events import Event, Outcome, Summary
+from relayprobe.fakemx import (
+    SILENCE,
+    FakeMailServer,
+    SessionState,
+    relays_everything,
+    relays_like_qmail,
+    relays_nothing,
+)
+from relayprobe.render import Transcript
+
+from .conftest import StartServer
+
+# What the classic suite must send to 127.0.0.1 whose banner names mx.fake.test, byte for byte.
+CLASSIC_ENVELOPES = [
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b'RCPT TO:<"nobody@relaytest.invalid">'),
+    (b"MAIL FROM:<nobody@relaytest.invalid>", b"RCPT TO:<nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<spamtest@example.net>", b"RCPT TO:<nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<spamtest@localhost>", b"RCPT TO:<nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<spamtest>", b"RCPT TO:<nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<>", b"RCPT TO:<nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b"RCPT TO:<nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<spamtest@[127.0.0.1]>", b"RCPT TO:<nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b"RCPT TO:<nobody%relaytest.invalid@mx.fake.test>"),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b"RCPT TO:<nobody%relaytest.invalid@[127.0.0.1]>"),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b'RCPT TO:<"nobody@relaytest.invalid">'),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b'RCPT TO:<"nobody%relaytest.invalid">'),
+    (b"MAIL FROM:<spamtest@[127.0.0.1]>", b'RCPT TO:<nobody@relaytest.invalid@mx.fake.test">'),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b'RCPT TO:<"nobody@relaytest.invalid"@[127.0.0.1]>'),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b"RCPT TO:<nobody@relaytest.invalid@[127.0.0.1]>"),
+    (b"MAIL FROM:<spamtest@[127.0.0.1]>", b"RCPT TO:<@mx.fake.test:nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b"RCPT TO:<@[127.0.0.1]:nobody@relaytest.invalid>"),
+    (b"MAIL FROM:<spamtest@[127.0.0.1]>", b"RCPT TO:<relaytest.invalid!nobody>"),
+    (b"MAIL FROM:<spamtest@mx.fake.test>", b"RCPT TO:<relaytest.invalid!nobody@[127.0.0.1]>"),
+    (b"MAIL FROM:<postmaster@mx.fake.test>", b"RCPT TO:<nobody@relaytest.invalid>"),
+]
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+async def no_ptr(address: str, *, timeout: float) -> str | None:
+    return None
+
+
+class Run:
+    def __init__(self, summary: Summary, transcript: list[str], events: list[Event]) -> None:
+        self.summary = summary
+        self.transcript = transcript
+        self.events = events
+
+    def outcomes(self) -> dict[str, Outcome]:
+        return {probe.name: probe.outcome for probe in self.summary.probes}
+
+
+async def run_test(port: int, *, address: str = "127.0.0.1", **options: object) -> Run:
+    transcript = Transcript()
+    events: list[Event] = []
+
+    def emit(event: Event) -> None:
+        events.append(event)
+        transcript.add(event)
+
+    settings = RelayTestOptions(port=port, **{"reply_timeout": 2.0, **options})  # type: ignore[arg-type]
+    summary = await run_relay_test(address, settings, emit, ptr_lookup=no_ptr)
+    return Run(summary, transcript.lines, events)
+
+
+def envelopes(server: FakeMailServer) -> list[tuple[bytes, bytes]]:
+    pairs = []
+    mail = None
+    for command in server.commands:
+        if command.startswith(b"MAIL"):
+            mail = command
+        elif command.startswith(b"RCPT"):
+            assert mail is not None
+            pairs.append((mail, command))
+    return pairs
+
+
+async def test_closed_server_rejects_every_probe_sent_byte_exact(start_server: StartServer) -> None:
+    server = FakeMailServer(relay=relays_nothing)
+    run = await run_test(await start_server(server))
+    assert envelopes(server) == CLASSIC_ENVELOPES
+    assert set(run.outcomes().values()) == {Outcome.REJECTED}
+    assert len(run.summary.probes) == 20
+    assert run.summary.verdict == "rejected"
+    assert run.transcript[0] == "Connecting to 127.0.0.1 ..."
+    assert run.transcript[-2:] == [
+        "Tested host banner: 220 mx.fake.test ESMTP fake",
+        "System appeared to reject relay attempts",
+    ]
+    assert [line for line in run.transcript if line.startswith(":Relay test:")] == [
+        ":Relay test: #Quote test",
+        *(f":Relay test: #Test {n}" for n in range(1, 20)),
+    ]
+    assert server.quits == server.sessions
+    assert b"EHLO relayprobe.invalid" in server.commands
+
+
+async def test_open_server_accepts_every_probe(start_server: StartServer) -> None:
+    server = FakeMailServer(relay=relays_everything)
+    run = await run_test(await start_server(server))
+    assert set(run.outcomes().values()) == {Outcome.ACCEPTED}
+    assert run.summary.verdict == "accepted"
+    assert run.transcript[-1] == "System appeared to accept 20 relay attempts"
+
+
+async def test_qmail_like_server_accepts_percent_bang_and_double_at(
+    start_server: StartServer,
+) -> None:
+    server = FakeMailServer(relay=relays_like_qmail)
+    run = await run_test(await start_server(server))
+    accepted = sorted(
+        name for name, outcome in run.outcomes().items() if outcome is Outcome.ACCEPTED
+    )
+    assert accepted == sorted(
+        [
+            "Quote test",
+            "Test 8",
+            "Test 9",
+            "Test 10",
+            "Test 11",
+            "Test 12",
+            "Test 13",
+            "Test 14",
+            "Test 15",
+            "Test 16",
+            "Test 17",
+            "Test 18",
+        ]
+    )
+    assert "System appeared to accept 12 relay attempts" in run.transcript
+
+
+class DropsEverySecondRcpt(FakeMailServer):
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        if line.startswith(b"RCPT") and session.rcpt_count == 1:
+            return None
+        return super().reply(line, session)
+
+
+async def test_server_that_drops_mid_suite_still_gets_every_probe(
+    start_server: StartServer,
+) -> None:
+    server = DropsEverySecondRcpt(relay=relays_nothing)
+    run = await run_test(await start_server(server))
+    assert envelopes(server)[-1] == CLASSIC_ENVELOPES[-1]
+    assert [probe.name for probe in run.summary.probes][-1] == "Test 19"
+    assert Outcome.ERROR not in run.outcomes().values()
+    assert run.summary.verdict == "rejected"
+    assert any(
+        line.startswith(":connection closed by the server during") for line in run.transcript
+    )
+    assert any(line.startswith(":Reconnecting to 127.0.0.1") for line in run.transcript)
+
+
+class StallsOnce(FakeMailServer):
+    """Stops answering at the fifth RCPT of its first session, as a loaded server might."""
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        if line.startswith(b"RCPT") and session.number == 1 and session.rcpt_count == 4:
+            session.rcpt_count += 1
+            return SILENCE
+        return super().reply(line, session)
+
+
+async def test_server_that_stalls_mid_suite_is_retried_after_reply_timeout(
+    start_server: StartServer,
+) -> None:
+    server = StallsOnce(relay=relays_nothing)
+    run = await run_test(await start_server(server), reply_timeout=0.3)
+    assert len(envelopes(server)) == 21  # one probe tried twice
+    assert Outcome.ERROR not in run.outcomes().values()
+    assert any("no reply within 0.3 s during Test 4" in line for line in run.transcript)
+
+
+class Tarpit(FakeMailServer):
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        return SILENCE
+
+
+async def test_tarpit_ends_within_the_reply_timeout(start_server: StartServer) -> None:
+    port = await start_server(Tarpit())
+    started = time.monotonic()
+    run = await run_test(port, reply_timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    assert run.summary.verdict == "incomplete"
+    assert run.transcript[-1] == "Test incomplete: no reply within 0.5 s"
+    assert run.transcript[-2] == "Tested host banner: 220 mx.fake.test ESMTP fake"
+
+
+class SilentGreeting(FakeMailServer):
+    def greeting(self, session: SessionState) -> bytes | None:
+        return None
+
+
+async def test_no_greeting_is_incomplete(start_server: StartServer) -> None:
+    run = await run_test(await start_server(SilentGreeting()), reply_timeout=0.3)
+    assert run.transcript[-1] == "Test incomplete: no greeting within 0.3 s"
+    assert not any(line.startswith("Tested host banner") for line in run.transcript)
+
+
+class Greets421(FakeMailServer):
+    def greeting(self, session: SessionState) -> bytes | None:
+        return b"421 4.3.2 mx.fake.test busy, come back later"
+
+
+async def test_421_greeting_is_incomplete(start_server: StartServer) -> None:
+    server = Greets421()
+    run = await run_test(await start_server(server))
+    assert run.summary.verdict == "incomplete"
+    assert run.transcript[-1] == (
+        "Test incomplete: server refused the session: 421 4.3.2 mx.fake.test busy, come back later"
+    )
+    assert "<<< 421 4.3.2 mx.fake.test busy, come back later" in run.transcript
+    assert server.commands == []
+
+
+async def test_refused_connection_is_incomplete() -> None:
+    server = FakeMailServer()
+    port = await server.start()
+    await server.stop()
+    run = await run_test(port)
+    assert run.summary.verdict == "incomplete"
+    assert run.transcript == ["Connecting to 127.0.0.1 ...", "Test incomplete: connection refused"]
+
+
+class RefusesEhlo(FakeMailServer):
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        if line.startswith(b"EHLO"):
+            return b"502 5.5.1 EHLO not implemented"
+        return super().reply(line, session)
+
+
+async def test_ehlo_refused_falls_back_to_helo(start_server: StartServer) -> None:
+    server = RefusesEhlo()
+    run = await run_test(await start_server(server))
+    assert server.commands[:2] == [b"EHLO relayprobe.invalid", b"HELO relayprobe.invalid"]
+    # Later sessions go straight to HELO.
+    assert server.commands.count(b"EHLO relayprobe.invalid") == 1
+    assert run.summary.verdict == "rejected"
+
+
+class Hostile(FakeMailServer):
+    def greeting(self, session: SessionState) -> bytes | None:
+        return b"220 evil.test \x1b[2J\x1b]0;pwned\x07 \x00\xff\xfe \xc2\x9b31m ESMTP"
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        if line.startswith(b"EHLO"):
+            return b"\r\n".join(b"250-" + b"X" * 196 for _ in range(299)) + b"\r\n250 END"
+        if line.startswith(b"RCPT"):
+            return b"554 5.7.1 \x1b[31mdenied\x08\x08\r\x7f \xe2\x80\xae reversed"
+        return super().reply(line, session)
+
+
+async def test_hostile_server_output_is_sanitised_and_test_goes_on(
+    start_server: StartServer,
+) -> None:
+    server = Hostile()
+    run = await run_test(await start_server(server))
+    for line in run.transcript:
+        assert not CONTROL.search(line), line
+        assert "\u202e" not in line
+    assert run.summary.banner is not None
+    assert "\\x1b[2J" in run.summary.banner
+    assert "\\xff\\xfe" in run.summary.banner
+    assert b"HELO relayprobe.invalid" in server.commands
+    assert len(run.summary.probes) == 20
+    assert run.summary.verdict == "rejected"
+
+
+class LongEhlo(FakeMailServer):
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        if line.startswith(b"EHLO"):
+            return b"\r\n".join(b"250-EXT%d" % n for n in range(300)) + b"\r\n250 END"
+        return super().reply(line, session)
+
+
+async def test_long_reply_is_cut_with_a_note(start_server: StartServer) -> None:
+    run = await run_test(await start_server(LongEhlo()))
+    assert ":261 more reply lines not shown" in run.transcript
+    assert "<<< 250-EXT39" in run.transcript
+    assert "<<< 250-EXT40" not in run.transcript
+
+
+class CountsErrorsLikePostfix(FakeMailServer):
+    """Drops a session at its 10th error, as a server stricter than stock Postfix would."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.errors: dict[int, int] = {}
+        self.limit_hit = 0
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        reply = super().reply(line, session)
+        if reply is not None and reply[:1] in (b"4", b"5"):
+            self.errors[session.number] = self.errors.get(session.number, 0) + 1
+            if self.errors[session.number] >= 10:
+                self.limit_hit += 1
+                return None
+        return reply
+
+
+async def test_fresh_session_before_the_error_limit(start_server: StartServer) -> None:
+    server = CountsErrorsLikePostfix(relay=relays_nothing)
+    run = await run_test(await start_server(server))
+    assert server.limit_hit == 0
+    assert max(server.errors.values()) <= 8
+    assert ":Opening a fresh session before the server's error limit" in run.transcript
+    assert run.summary.verdict == "rejected"
+
+
+class SyntaxStrict(FakeMailServer):
+    """Exim-like: IP-literal senders are a syntax error, and 3 syntax errors end the session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syntax_errors: dict[int, int] = {}
+        self.dropped = 0
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        if line.startswith(b"MAIL") and b"[" in line:
+            count = self.syntax_errors.get(session.number, 0) + 1
+            self.syntax_errors[session.number] = count
+            if count >= 3:
+                self.dropped += 1
+                return b"421 too many syntax or protocol errors"
+            return b"501 5.1.3 bad sender address syntax"
+        return super().reply(line, session)
+
+
+async def test_fresh_session_before_exim_syntax_error_limit(start_server: StartServer) -> None:
+    server = SyntaxStrict()
+    run = await run_test(await start_server(server))
+    assert server.dropped == 0
+    assert run.outcomes()["Test 7"] is Outcome.REJECTED
+    assert Outcome.ERROR not in run.outcomes().values()
+
+
+async def test_whole_test_deadline(start_server: StartServer) -> None:
+    server = FakeMailServer(reply_delay=0.05)
+    run = await run_test(await start_server(server), deadline=0.5)
+    assert run.summary.verdict == "incomplete"
+    assert "Test incomplete: test deadline of 0.5 s reached" in run.transcript
+    assert len(run.summary.probes) == 20
+
+
+async def test_cancelled_test_says_quit_and_closes_at_once(start_server: StartServer) -> None:
+    server = FakeMailServer(reply_delay=0.2)
+    port = await start_server(server)
+    task = asyncio.create_task(run_test(port))
+    await asyncio.sleep(0.7)
+    assert server.sessions == 1
+    task.cancel()
+    cancelled_at = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(server.closed.wait(), 1.0)
+    assert time.monotonic() - cancelled_at < 1.0
+    assert server.commands[-1] == b"QUIT"
+
+
+async def test_ipv6_target(start_server: StartServer) -> None:
+    server = FakeMailServer(relay=relays_nothing)
+    try:
+        port = await server.start("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        run = await run_test(port, address="::1")
+    finally:
+        await server.stop()
+    assert b"MAIL FROM:<spamtest@[IPv6:::1]>" in server.commands
+    assert run.summary.verdict == "rejected"
