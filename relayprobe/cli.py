@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import structlog
 
@@ -32,8 +33,15 @@ class UsageError(ValueError):
     """A mistake on the command line or in the configuration: one line, exit 2."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage mistakes get one line, not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="relayprobe", description="Test a mail server for third-party relaying."
     )
     parser.add_argument("--version", action="version", version=f"relayprobe {__version__}")

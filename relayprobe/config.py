@@ -47,7 +47,10 @@ def parse_port(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a port number, got {value!r}")
     try:
-        port = int(value) if isinstance(value, int) else int(_text(value), 10)
+        text = str(value) if isinstance(value, int) else _text(value)
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError
+        port = int(text)
     except ValueError:
         raise ValueError(f"expected a port number, got {value!r}") from None
     if not 1 <= port <= 65535:
@@ -231,7 +234,7 @@ class Settings:
     def test_options(self) -> RelayTestOptions:
         return RelayTestOptions(
             port=self.target_port,
-            suite=(*SUITES[self.suite], *self.probes),
+            suite=build_suite(self.suite, self.probes),
             helo_name=self.helo_name,
             test_domain=self.test_domain,
             foreign_domain=self.foreign_domain,
@@ -249,7 +252,7 @@ def _parse_probes(value: object) -> tuple[Probe, ...]:
         unknown = set(entry) - {"name", "mail_from", "rcpt_to"}
         if unknown or len(entry) != 3 or not all(isinstance(v, str) for v in entry.values()):
             raise ValueError(f"each probe needs text name, mail_from and rcpt_to only: {entry!r}")
-    return build_suite("classic", value)[len(SUITES["classic"]) :]
+    return tuple(Probe(entry["name"], entry["mail_from"], entry["rcpt_to"]) for entry in value)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -320,6 +323,8 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
 
 
 def load_settings(
@@ -344,4 +349,11 @@ def load_settings(
     for key, raw in options.items():
         if key in _FIELDS:
             values[key] = _parse(key, raw, option_flag(key))
-    return Settings(**values)
+    settings = Settings(**values)
+    try:
+        build_suite(settings.suite, settings.probes)
+    except ValueError as exc:
+        raise ConfigError(f"probes: {exc}") from None
+    if not settings.listen:
+        raise ConfigError("listen: give at least one ADDR:PORT")
+    return settings

@@ -60,9 +60,8 @@ async def run_demo(settings: Settings, *, show: Callable[[str], None] = print) -
     try:
         (endpoint,) = await service.start()
         for source, what, _ in CALLERS:
-            show(
-                f"$ telnet -b {source} {endpoint.host} {endpoint.port}    # {what} listens on {source}:{port}"
-            )
+            command = f"telnet -b {source} {endpoint.host} {endpoint.port}"
+            show(f"$ {command}    # {what} listens on {source}:{port}")
             for line in await telnet_call(endpoint, source=source):
                 show(line)
             show("Connection closed by foreign host.")

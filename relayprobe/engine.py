@@ -8,6 +8,7 @@ probe once, and bounds every wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
 from collections.abc import Callable, Coroutine
@@ -214,10 +215,8 @@ class _RelayTest:
     async def _quit(self) -> None:
         if self.session is None:
             return
-        try:
+        with contextlib.suppress(SessionLost, TimeoutError):
             await asyncio.wait_for(self._command("QUIT"), QUIT_TIMEOUT)
-        except (SessionLost, TimeoutError):
-            pass
         self._drop_session()
 
     def _drop_session(self) -> None:

@@ -55,14 +55,22 @@ class FakeMailServer:
         self.quits = 0
         self.closed = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._server = await asyncio.start_server(self._serve, host, port, backlog=2048)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        """Stop listening and hang up on every open session."""
         if self._server is not None:
             self._server.close()
+        for writer in self._handlers.values():
+            writer.close()
+        # Closed sessions end by themselves; cancelling them would make asyncio log an error.
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=2 + self.reply_delay)
+        if self._server is not None:
             await self._server.wait_closed()
 
     # Hooks that subclasses override
@@ -98,11 +106,15 @@ class FakeMailServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.sessions += 1
         session = SessionState(self.sessions)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers[task] = writer
         try:
             await self._converse(reader, writer, session)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
+            del self._handlers[task]
             writer.close()
             self.closed.set()
 

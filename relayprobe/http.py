@@ -19,9 +19,6 @@ from typing import Any
 from relayprobe.metrics import Metrics
 
 MAX_HEAD_BYTES = 8192
-# What is read and thrown away after the response, so that closing with unread input (a request
-# body, an oversized head) does not reset the connection before the client has read the reply.
-MAX_DISCARD_BYTES = 65536
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*")
@@ -154,7 +151,8 @@ class OperatorHTTP:
         self._timeout_s = timeout_s
         self._max_connections = max_connections
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        # Each connection being served: its handler's task, and its writer to drop it on stop().
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port (port 0 picks a free one); returns the address bound."""
@@ -173,8 +171,10 @@ class OperatorHTTP:
             return
         server, self._server = self._server, None
         server.close()
-        for task in self._connections:
-            task.cancel()
+        # Aborting (not cancelling) lets each handler end normally: Python 3.11 logs a cancelled
+        # start_server handler as an error.
+        for writer in self._connections.values():
+            writer.transport.abort()
         await asyncio.gather(*self._connections, return_exceptions=True)
         await server.wait_closed()
 
@@ -204,13 +204,13 @@ class OperatorHTTP:
             return
         task = asyncio.current_task()
         assert task is not None  # start_server runs each handler in a task of its own
-        self._connections.add(task)
+        self._connections[task] = writer
         try:
             # A reset or a client too slow to read the response: nothing left to tell it.
             with contextlib.suppress(OSError, TimeoutError):
                 await self._exchange(reader, writer)
         finally:
-            self._connections.discard(task)
+            del self._connections[task]
             await self._close(writer)
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -221,8 +221,6 @@ class OperatorHTTP:
         writer.write(response.render(head_only=head_only, date=formatdate(usegmt=True)))
         async with asyncio.timeout(self._timeout_s):
             await writer.drain()
-            writer.write_eof()
-            await _discard_until_eof(reader)
 
     async def _read_request(self, reader: asyncio.StreamReader) -> tuple[Response, bool] | None:
         """The response to send and whether it is to a HEAD; None if the client went away."""
@@ -250,12 +248,3 @@ class OperatorHTTP:
                 await writer.wait_closed()
         except (OSError, TimeoutError):
             writer.transport.abort()
-
-
-async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
-    discarded = 0
-    while discarded < MAX_DISCARD_BYTES:
-        chunk = await reader.read(4096)
-        if not chunk:
-            return
-        discarded += len(chunk)

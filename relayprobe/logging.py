@@ -1,4 +1,4 @@
-"""The one place that configures structlog: JSON lines for machines, readable lines on a terminal."""
+"""The one place that configures structlog: JSON lines for machines, plain lines for people."""
 
 from __future__ import annotations
 

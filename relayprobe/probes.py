@@ -23,6 +23,9 @@ class Probe:
     rcpt_to: str
 
     def __post_init__(self) -> None:
+        # The name is shown in the transcript: keep it a short line of plain text.
+        if not (0 < len(self.name) <= 60 and self.name.isascii() and self.name.isprintable()):
+            raise ValueError(f"probe name {self.name!r} must be 1-60 printable ASCII characters")
         for template in (self.mail_from, self.rcpt_to):
             check_template(template)
 
@@ -107,13 +110,12 @@ EXTENDED: tuple[Probe, ...] = (
 SUITES: dict[str, tuple[Probe, ...]] = {"classic": CLASSIC, "extended": EXTENDED}
 
 
-def build_suite(base: str, extra: Sequence[Mapping[str, str]] = ()) -> tuple[Probe, ...]:
-    """A named suite plus operator-defined probes (mappings with name, mail_from, rcpt_to)."""
+def build_suite(base: str, added: Sequence[Probe] = ()) -> tuple[Probe, ...]:
+    """A named suite plus operator-defined probes."""
     try:
         probes = SUITES[base]
     except KeyError:
         raise ValueError(f"unknown suite {base!r} (known: {', '.join(SUITES)})") from None
-    added = tuple(Probe(entry["name"], entry["mail_from"], entry["rcpt_to"]) for entry in extra)
     names = [probe.name for probe in (*probes, *added)]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -31,17 +31,18 @@ def sanitize(data: bytes) -> str:
     """Return `data` as a single safe line of text."""
     if _UNSAFE_ASCII.search(data) is None:
         return data.decode("ascii")
-    text = data.decode("utf-8", "surrogateescape")
-    return "".join(_escape_char(char) for char in text)
-
-
-def sanitize_line(data: bytes, *, limit: int = MAX_DISPLAY_CHARS) -> str:
-    """Sanitise one line for display, cutting it at `limit` characters with a note."""
-    if len(data) <= limit:
-        return sanitize(data)
-    return f"{sanitize(data[:limit])}... [cut: {len(data) - limit} more bytes]"
+    return "".join(_escape_char(char) for char in data.decode("utf-8", "surrogateescape"))
 
 
 def sanitize_text(text: str) -> str:
     """Sanitise a string that may carry bytes smuggled in by surrogateescape."""
-    return sanitize(text.encode("utf-8", "surrogateescape"))
+    return "".join(_escape_char(char) for char in text)
+
+
+def sanitize_line(data: bytes, *, limit: int = MAX_DISPLAY_CHARS) -> str:
+    """Sanitise one line for display, at most `limit` characters and a note saying it was cut."""
+    # Escaping makes a byte up to four characters long: cut the bytes first to bound the work.
+    text = sanitize(data[:limit])
+    if len(data) <= limit and len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [cut: {len(data)} bytes in all]"

@@ -124,7 +124,7 @@ class TelnetSession(asyncio.Protocol):
 
     def end(self, reason: str) -> None:
         """Stop the test (its SMTP session gets QUIT) and hang up; the first reason counts."""
-        if self.task is not None and not self.task.done():
+        if self.task is not None and not self.task.done() and not self.task.cancelling():
             self.end_reason = reason
             self.task.cancel()
         if self.transport is not None and not self.transport.is_closing():

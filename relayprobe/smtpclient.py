@@ -6,12 +6,13 @@ parse and re-quote addresses. aiosmtplib's failures become the built-in exceptio
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
 import aiosmtplib
 
-# aiosmtplib refuses a reply over 32 KiB (or a line over 8 KiB) and forgets it; that bound is ours too.
+# aiosmtplib refuses a reply over 32 KiB (or a line over 8 KiB): that bound is ours too.
 _TOO_LONG = "Response too long"
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
@@ -110,7 +111,7 @@ class SMTPSession:
         return _reply(response)
 
     async def message(self, content: bytes) -> Reply:
-        """After a 354 to DATA: send the message, dot-stuffed and terminated, and return the reply."""
+        """After a 354 to DATA: send the message, dot-stuffed and terminated; return the reply."""
         protocol = self._smtp.protocol
         if protocol is None:
             raise ServerDisconnected("not connected")
@@ -129,10 +130,8 @@ class SMTPSession:
         """Say QUIT without waiting for the answer, then close: for a test that was cancelled."""
         protocol = self._smtp.protocol
         if protocol is not None and self._smtp.is_connected:
-            try:
+            with contextlib.suppress(aiosmtplib.SMTPException):
                 protocol.write(b"QUIT\r\n")
-            except aiosmtplib.SMTPException:
-                pass
         self.close()
 
     def close(self) -> None:

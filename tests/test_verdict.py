@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import pytest
+
+from relayprobe.events import Outcome, ProbeFinished
+from relayprobe.verdict import Confirmation, classify, summary_lines, verdict
+
+BANNER = "220 mail2.example.com ESMTP Postfix"
+REJECT = "554 5.7.1 <nobody@relaytest.invalid>: Relay access denied"
+
+
+def probe(name: str, outcome: Outcome) -> ProbeFinished:
+    replies = {
+        Outcome.REJECTED: REJECT,
+        Outcome.DEFERRED: "451 4.3.0 try again later",
+        Outcome.ACCEPTED: "250 2.1.5 Ok",
+        Outcome.RELAYED: "250 2.1.5 Ok",
+        Outcome.ERROR: "",
+    }
+    return ProbeFinished(
+        name,
+        "<spamtest@mail2.example.com>",
+        "<nobody@relaytest.invalid>",
+        outcome,
+        replies[outcome],
+    )
+
+
+def suite(outcomes: dict[str, Outcome] | None = None) -> list[ProbeFinished]:
+    """The twenty classic probes, all rejected except those given."""
+    names = ["Quote test", *(f"Test {n}" for n in range(1, 20))]
+    return [probe(name, (outcomes or {}).get(name, Outcome.REJECTED)) for name in names]
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (250, Outcome.ACCEPTED),
+        (251, Outcome.ACCEPTED),
+        (252, Outcome.ACCEPTED),
+        (200, Outcome.ACCEPTED),
+        (299, Outcome.ACCEPTED),
+        (421, Outcome.DEFERRED),
+        (450, Outcome.DEFERRED),
+        (451, Outcome.DEFERRED),
+        (452, Outcome.DEFERRED),
+        (499, Outcome.DEFERRED),
+        (500, Outcome.REJECTED),
+        (501, Outcome.REJECTED),
+        (550, Outcome.REJECTED),
+        (553, Outcome.REJECTED),
+        (554, Outcome.REJECTED),
+    ],
+)
+def test_classify(code: int, outcome: Outcome) -> None:
+    assert classify(code) is outcome
+
+
+def test_all_rejected() -> None:
+    probes = suite()
+    assert verdict(probes, incomplete=None, confirmation=None) == "rejected"
+    assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=None) == (
+        "Tested host banner: 220 mail2.example.com ESMTP Postfix",
+        "System appeared to reject relay attempts",
+    )
+
+
+def test_one_accepted_as_in_the_seed() -> None:
+    probes = suite({"Test 8": Outcome.ACCEPTED})
+    assert verdict(probes, incomplete=None, confirmation=None) == "accepted"
+    assert summary_lines(
+        probes, banner="220 example.com ESMTP", incomplete=None, confirmation=None
+    ) == (
+        "Tested host banner: 220 example.com ESMTP",
+        "System appeared to accept 1 relay attempts",
+    )
+
+
+def test_several_accepted() -> None:
+    probes = suite(
+        {"Test 8": Outcome.ACCEPTED, "Test 9": Outcome.ACCEPTED, "Test 12": Outcome.ACCEPTED}
+    )
+    assert verdict(probes, incomplete=None, confirmation=None) == "accepted"
+    lines = summary_lines(probes, banner=BANNER, incomplete=None, confirmation=None)
+    assert lines[1] == "System appeared to accept 3 relay attempts"
+
+
+def test_banner_line_comes_first() -> None:
+    for probes in (
+        suite(),
+        suite({"Test 8": Outcome.ACCEPTED}),
+        suite({"Test 3": Outcome.DEFERRED}),
+    ):
+        lines = summary_lines(probes, banner=BANNER, incomplete=None, confirmation=None)
+        assert lines[0] == f"Tested host banner: {BANNER}"
+        assert sum(line.startswith("Tested host banner:") for line in lines) == 1
+
+
+def test_incomplete_without_banner() -> None:
+    assert verdict([], incomplete="connection refused", confirmation=None) == "incomplete"
+    assert summary_lines([], banner=None, incomplete="connection refused", confirmation=None) == (
+        "Test incomplete: connection refused",
+    )
+
+
+def test_incomplete_after_banner_with_nothing_accepted() -> None:
+    probes = suite()[:5]
+    reason = "test deadline of 300 s reached"
+    assert verdict(probes, incomplete=reason, confirmation=None) == "incomplete"
+    assert summary_lines(probes, banner=BANNER, incomplete=reason, confirmation=None) == (
+        f"Tested host banner: {BANNER}",
+        "Test incomplete: test deadline of 300 s reached",
+    )
+
+
+def test_accepted_beats_incomplete_and_the_reason_becomes_a_note() -> None:
+    probes = [probe("Quote test", Outcome.REJECTED), probe("Test 1", Outcome.ACCEPTED)]
+    reason = "server refused the session: 421 too many connections"
+    assert verdict(probes, incomplete=reason, confirmation=None) == "accepted"
+    assert summary_lines(probes, banner=BANNER, incomplete=reason, confirmation=None) == (
+        f"Tested host banner: {BANNER}",
+        "System appeared to accept 1 relay attempts",
+        "Note: test incomplete: server refused the session: 421 too many connections",
+    )
+
+
+def test_deferred_probes_get_a_note() -> None:
+    probes = suite({"Test 2": Outcome.DEFERRED, "Test 7": Outcome.DEFERRED})
+    assert verdict(probes, incomplete=None, confirmation=None) == "rejected"
+    assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=None) == (
+        f"Tested host banner: {BANNER}",
+        "System appeared to reject relay attempts",
+        "Note: 2 probes were deferred with a 4xx reply, a temporary refusal (Test 2, Test 7)",
+    )
+
+
+def test_probes_in_error_make_the_test_incomplete() -> None:
+    probes = suite({"Test 4": Outcome.ERROR, "Test 5": Outcome.ERROR})
+    assert verdict(probes, incomplete=None, confirmation=None) == "incomplete"
+    assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=None) == (
+        f"Tested host banner: {BANNER}",
+        "Test incomplete: 2 probes got no reply (Test 4, Test 5)",
+    )
+
+
+def test_errors_beside_an_accepted_probe_get_a_note() -> None:
+    probes = suite({"Test 8": Outcome.ACCEPTED, "Test 19": Outcome.ERROR})
+    assert verdict(probes, incomplete=None, confirmation=None) == "accepted"
+    assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=None) == (
+        f"Tested host banner: {BANNER}",
+        "System appeared to accept 1 relay attempts",
+        "Note: 1 probes got no reply (Test 19)",
+    )
+
+
+def test_extra_notes_come_last() -> None:
+    lines = summary_lines(
+        suite({"Test 1": Outcome.DEFERRED}),
+        banner=BANNER,
+        incomplete=None,
+        confirmation=None,
+        notes=("reconnected 2 times",),
+    )
+    assert lines[-2].startswith("Note: 1 probes were deferred")
+    assert lines[-1] == "Note: reconnected 2 times"
+
+
+def test_relay_confirmed() -> None:
+    probes = suite(
+        {"Test 8": Outcome.RELAYED, "Test 9": Outcome.RELAYED, "Test 13": Outcome.ACCEPTED}
+    )
+    confirmation = Confirmation(
+        sent=("Test 8", "Test 9", "Test 13"), arrived=("Test 8", "Test 9"), wait_s=30.0
+    )
+    assert verdict(probes, incomplete=None, confirmation=confirmation) == "relayed"
+    assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=confirmation) == (
+        f"Tested host banner: {BANNER}",
+        "System appeared to accept 3 relay attempts",
+        "Relay confirmed: 2 of 3 test messages arrived (Test 8, Test 9)",
+    )
+
+
+@pytest.mark.parametrize(("wait_s", "shown"), [(30.0, "30"), (2.5, "2.5"), (120, "120")])
+def test_relay_not_confirmed_as_in_the_seeds_qmail_case(wait_s: float, shown: str) -> None:
+    probes = suite({"Test 8": Outcome.ACCEPTED})
+    confirmation = Confirmation(sent=("Test 8",), arrived=(), wait_s=wait_s)
+    assert verdict(probes, incomplete=None, confirmation=confirmation) == "accepted"
+    assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=confirmation) == (
+        f"Tested host banner: {BANNER}",
+        "System appeared to accept 1 relay attempts",
+        f"Relay not confirmed: none of 1 test messages arrived within {shown} s",
+    )
+
+
+def test_no_confirmation_line_when_no_message_was_sent() -> None:
+    confirmation = Confirmation(sent=(), arrived=(), wait_s=30.0)
+    probes = suite()
+    assert verdict(probes, incomplete=None, confirmation=confirmation) == "rejected"
+    assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=confirmation) == (
+        f"Tested host banner: {BANNER}",
+        "System appeared to reject relay attempts",
+    )
+
+
+def test_deferred_only_is_rejected_not_incomplete() -> None:
+    probes = [probe(name, Outcome.DEFERRED) for name in ("Quote test", "Test 1")]
+    assert verdict(probes, incomplete=None, confirmation=None) == "rejected"
