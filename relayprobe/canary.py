@@ -12,6 +12,7 @@ import contextlib
 import email.utils
 import re
 import secrets
+import string
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from typing import Protocol
 
 from relayprobe.sanitize import sanitize_text
 
-# base32's alphabet: lowercase letters and digits without 0, 1, 8, 9 (easy to read aloud).
-TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+# base32's alphabet in lowercase: no 0, 1 or 8 to mistake for o, l or b in a transcript.
+TOKEN_ALPHABET = string.ascii_lowercase + "234567"
 TOKEN_LENGTH = 10  # 50 bits: unguessable within a test's few minutes, short in a transcript
 LOCAL_PART_PREFIX = "nobody-"
 
@@ -29,7 +30,7 @@ LOCAL_PART_PREFIX = "nobody-"
 _LOCAL_PART = re.compile(
     rf"{LOCAL_PART_PREFIX}([{TOKEN_ALPHABET}]{{{TOKEN_LENGTH}}})", re.IGNORECASE | re.ASCII
 )
-# Longer than any RFC 5321 path; nothing longer is worth parsing.
+# RFC 5321 4.5.3.1.3: no path is longer; nothing longer is worth parsing.
 MAX_ADDRESS_CHARS = 256
 # A header or body value from the network or the probe table is cut to this many characters.
 MAX_VALUE_CHARS = 200

@@ -75,6 +75,30 @@ class _CanaryHandler:
         return INTERNAL_ERROR
 
 
+class _Connections:
+    """The sink's live connections and their tasks, so that stop() leaves nothing running."""
+
+    def __init__(self) -> None:
+        self.live: set[_SinkConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close_all(self) -> None:
+        self.closing = True
+        for connection in list(self.live):
+            connection.close()
+        # Connections accepted just before the listener closed join late and are closed at once.
+        while self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 class _SinkConnection(SMTP):
     """aiosmtpd's SMTP protocol, plus a cap on total connection time and bookkeeping for stop()."""
 
@@ -82,32 +106,30 @@ class _SinkConnection(SMTP):
         self,
         handler: _CanaryHandler,
         *,
-        live: set[_SinkConnection],
-        tasks: set[asyncio.Task[None]],
+        connections: _Connections,
         connection_timeout: float,
         **smtp_options: Any,
     ) -> None:
         super().__init__(handler, **smtp_options)
-        self._live = live
-        self._tasks = tasks
+        self._connections = connections
         self._connection_timeout = connection_timeout
         self._deadline: asyncio.TimerHandle | None = None
         # Counted from creation, not from connection_made: a burst of accepts creates several
         # protocols before any of them is connected.
-        live.add(self)
+        connections.live.add(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._deadline = self.loop.call_later(self._connection_timeout, transport.close)
-        task = self._handler_coroutine
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if self._handler_coroutine is not None:
+            self._connections.track(self._handler_coroutine)
+        if self._connections.closing:
+            transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        self._live.discard(self)
+        self._connections.live.discard(self)
         super().connection_lost(error)
 
     def close(self) -> None:
@@ -159,14 +181,13 @@ class CanarySink:
         self._idle_timeout = idle_timeout
         self._connection_timeout = connection_timeout
         self._on_delivery = on_delivery
-        self._live: set[_SinkConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections = _Connections()
         self._server: asyncio.Server | None = None
         self.deliveries = 0
 
     @property
     def connections(self) -> int:
-        return len(self._live)
+        return len(self._connections)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on `host`:`port` (0: any free port); return the address actually bound."""
@@ -175,7 +196,10 @@ class CanarySink:
         # aiosmtpd logs every command line it receives; nothing from the network is logged raw.
         logging.getLogger("mail.log").disabled = True
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: self._new_protocol(loop), host, port)
+        connections = self._connections = _Connections()
+        self._server = await loop.create_server(
+            lambda: self._new_protocol(loop, connections), host, port
+        )
         bound = self._server.sockets[0].getsockname()
         log.info("canary_sink_listening", host=bound[0], port=bound[1])
         return str(bound[0]), int(bound[1])
@@ -186,18 +210,17 @@ class CanarySink:
             return
         server, self._server = self._server, None
         server.close()
-        for connection in list(self._live):
-            connection.close()
+        await self._connections.close_all()
         await server.wait_closed()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _new_protocol(self, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
-        if len(self._live) >= self._max_connections:
+    def _new_protocol(
+        self, loop: asyncio.AbstractEventLoop, connections: _Connections
+    ) -> asyncio.Protocol:
+        if len(connections) >= self._max_connections:
             return _Refusal()
         return _SinkConnection(
             self._handler,
-            live=self._live,
-            tasks=self._tasks,
+            connections=connections,
             connection_timeout=self._connection_timeout,
             hostname=self._hostname,
             ident=IDENT,
