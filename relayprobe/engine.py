@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import ipaddress
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from relayprobe import canary
+from relayprobe.canary import CanaryRegistry, RegistryFull
 from relayprobe.events import (
     Connecting,
     Event,
@@ -23,6 +27,7 @@ from relayprobe.events import (
     ProbeStarted,
     Progress,
     Received,
+    Relayed,
     Sent,
     Summary,
 )
@@ -31,7 +36,7 @@ from relayprobe.probes import CLASSIC, Probe, ProbeContext, address_literal, ren
 from relayprobe.rdns import lookup_ptr
 from relayprobe.sanitize import sanitize_line
 from relayprobe.smtpclient import BadReply, Reply, ReplyTimeout, ServerDisconnected, SMTPSession
-from relayprobe.verdict import classify, summary_lines, verdict
+from relayprobe.verdict import Confirmation, classify, summary_lines, verdict
 
 Emit = Callable[[Event], None]
 PtrLookup = Callable[..., Coroutine[Any, Any, str | None]]
@@ -56,6 +61,17 @@ class RelayTestOptions:
     # Stock Postfix slows down after 10 errors and drops at 20; Exim drops after 3 syntax errors.
     max_errors_per_session: int = 8
     max_syntax_errors_per_session: int = 2
+    confirm_wait: float = 30.0
+    operator: str = "relayprobe"
+    """Who runs the test, named in the body of the test messages."""
+    notes: tuple[str, ...] = ()
+    """Extra `Note:` lines for the summary, from the caller."""
+
+
+@dataclass(slots=True)
+class _TestMessage:
+    probe: str
+    token: str
 
 
 class IncompleteTest(Exception):
@@ -67,10 +83,15 @@ class SessionLost(ConnectionError):
 
 
 class _RelayTest:
-    def __init__(self, target: str, options: RelayTestOptions, emit: Emit) -> None:
+    def __init__(
+        self, target: str, options: RelayTestOptions, emit: Emit, registry: CanaryRegistry | None
+    ) -> None:
         self.target = target
         self.options = options
         self.emit = emit
+        self.registry = registry
+        self.tokens: dict[str, str] = {}
+        self.sent: list[_TestMessage] = []
         self.session: SMTPSession | None = None
         self.errors = 0
         self.syntax_errors = 0
@@ -102,20 +123,32 @@ class _RelayTest:
         except asyncio.CancelledError:
             if self.session is not None:
                 self.session.send_quit_and_close()
+            self._forget_tokens()
             raise
         finally:
             ptr.cancel()
             if self.session is not None:
                 self.session.close()
         self._give_up_on_untried_probes(incomplete)
-        result = verdict(self.results, incomplete=incomplete, confirmation=None)
+        try:
+            confirmation = await self._confirm()
+        finally:
+            self._forget_tokens()
+        notes = self.options.notes
+        if self.registry is not None and self.tokens == {} and self.results:
+            notes = (*notes, "delivery confirmation is off: too many tests waiting for mail")
+        result = verdict(self.results, incomplete=incomplete, confirmation=confirmation)
         summary = Summary(
             target=self.target,
             host=self._host_label(ptr),
             banner=self.banner,
             verdict=result,
             lines=summary_lines(
-                self.results, banner=self.banner, incomplete=incomplete, confirmation=None
+                self.results,
+                banner=self.banner,
+                incomplete=incomplete,
+                confirmation=confirmation,
+                notes=notes,
             ),
             probes=tuple(self.results),
             started_at=started_at,
@@ -234,7 +267,8 @@ class _RelayTest:
 
     async def _run_probe(self, probe: Probe, context: ProbeContext) -> None:
         self.emit(ProbeStarted(probe.name))
-        values = context.values(rcpt="nobody")
+        token = self._token_for(probe.name)
+        values = context.values(rcpt=canary.local_part(token) if token else "nobody")
         mail_from = render(probe.mail_from, values)
         rcpt_to = render(probe.rcpt_to, values)
         lost = ""
@@ -253,6 +287,7 @@ class _RelayTest:
                 self._progress(f"{lost} during {probe.name}; {then}")
                 continue
             self._finish(probe.name, mail_from, rcpt_to, outcome, reply)
+            await self._after_answer(probe.name, mail_from, rcpt_to, token, context, outcome)
             return
         self._finish(probe.name, mail_from, rcpt_to, Outcome.ERROR, lost)
 
@@ -260,14 +295,86 @@ class _RelayTest:
         reply = await self._command(f"MAIL FROM:{mail_from}", lost_on_421=True)
         if 200 <= reply.code < 300:
             reply = await self._command(f"RCPT TO:{rcpt_to}", lost_on_421=True)
-        result = classify(reply.code), sanitize_line(b" ".join(reply.lines))
+        return classify(reply.code), sanitize_line(b" ".join(reply.lines))
+
+    async def _after_answer(
+        self,
+        name: str,
+        mail_from: str,
+        rcpt_to: str,
+        token: str | None,
+        context: ProbeContext,
+        outcome: Outcome,
+    ) -> None:
+        """Send the test message of an accepted probe, then RSET; the probe's answer stands."""
         try:
+            if outcome is Outcome.ACCEPTED and token is not None:
+                message = canary.test_message(
+                    token=token,
+                    probe_name=name,
+                    sender=mail_from,
+                    recipient=rcpt_to,
+                    operator=self.options.operator,
+                    tested_host=context.host,
+                    now=datetime.datetime.now(datetime.UTC),
+                )
+                if await self._send_message(message, token):
+                    self.sent.append(_TestMessage(name, token))
             await self._command("RSET")
         except SessionLost as exc:
-            # The probe's answer stands; the next probe reconnects.
             self._drop_session()
-            self._progress(f"{exc} after RSET")
-        return result
+            self._progress(f"{exc} after the answer to {name}")
+
+    async def _send_message(self, message: bytes, token: str) -> bool:
+        """DATA and the test message; True when the server took it."""
+        reply = await self._command("DATA")
+        if reply.code != 354:
+            return False
+        assert self.session is not None
+        lines = message.count(b"\n")
+        self.emit(Sent(f"(test message: {lines} lines, token {token})"))
+        self.emit(Sent("."))
+        reply = await self._exchange_reply(self.session.message(message))
+        return 200 <= reply.code < 300
+
+    def _token_for(self, name: str) -> str | None:
+        """A fresh token for a probe's recipient, or None when confirmation is off or full."""
+        if self.registry is None:
+            return None
+        token = canary.new_token()
+        try:
+            self.registry.register(token, ttl=self.options.deadline + self.options.confirm_wait)
+        except RegistryFull:
+            return None
+        self.tokens[token] = name
+        return token
+
+    def _forget_tokens(self) -> None:
+        if self.registry is not None and self.tokens:
+            self.registry.forget(self.tokens)
+
+    async def _confirm(self) -> Confirmation | None:
+        """Wait, bounded, for the test messages the server took to reach the canary sink."""
+        if self.registry is None:
+            return None
+        wait = self.options.confirm_wait
+        by_token = {message.token: message.probe for message in self.sent}
+        arrived: set[str] = set()
+        if by_token:
+            self._progress(f"Waiting up to {wait:g} s for relayed test messages ...")
+            arrived = await self.registry.wait(
+                by_token,
+                timeout=wait,
+                on_arrival=lambda token, after: self.emit(Relayed(by_token[token], after)),
+            )
+        relayed = [message.probe for message in self.sent if message.token in arrived]
+        self.results = [
+            dataclasses.replace(result, outcome=Outcome.RELAYED)
+            if result.name in relayed
+            else result
+            for result in self.results
+        ]
+        return Confirmation(sent=tuple(by_token.values()), arrived=tuple(relayed), wait_s=wait)
 
     def _finish(
         self, name: str, mail_from: str, rcpt_to: str, outcome: Outcome, reply: str
@@ -293,8 +400,15 @@ class _RelayTest:
     async def _command(self, line: str, *, lost_on_421: bool = False) -> Reply:
         assert self.session is not None
         self.emit(Sent(line))
+        reply = await self._exchange_reply(self.session.command(line.encode("ascii")))
+        if lost_on_421 and reply.code == 421:
+            raise SessionLost("the server is closing the session (421)")
+        return reply
+
+    async def _exchange_reply(self, sending: Coroutine[Any, Any, Reply]) -> Reply:
+        """Await a reply, show it and count it against the session's error budget."""
         try:
-            reply = await self.session.command(line.encode("ascii"))
+            reply = await sending
         except ServerDisconnected:
             raise SessionLost("connection closed by the server") from None
         except ReplyTimeout:
@@ -306,8 +420,6 @@ class _RelayTest:
             self.errors += 1
             if 500 <= reply.code <= 504:
                 self.syntax_errors += 1
-        if lost_on_421 and reply.code == 421:
-            raise SessionLost("the server is closing the session (421)")
         return reply
 
     def _show(self, reply: Reply) -> None:
@@ -322,8 +434,17 @@ class _RelayTest:
 
 
 async def run_relay_test(
-    target: str, options: RelayTestOptions, emit: Emit, *, ptr_lookup: PtrLookup = lookup_ptr
+    target: str,
+    options: RelayTestOptions,
+    emit: Emit,
+    *,
+    registry: CanaryRegistry | None = None,
+    ptr_lookup: PtrLookup = lookup_ptr,
 ) -> Summary:
-    """Test `target` (an IP address) and return the summary; every step is passed to `emit`."""
+    """Test `target` (an IP address) and return the summary; every step is passed to `emit`.
+
+    With a `registry` (whose canary sink receives mail for the test domain), accepted probes
+    send a test message and the test waits for it to arrive.
+    """
     address = str(ipaddress.ip_address(target))
-    return await _RelayTest(address, options, emit).run(ptr_lookup)
+    return await _RelayTest(address, options, emit, registry).run(ptr_lookup)

@@ -8,7 +8,6 @@ a stalled event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import ipaddress
 import json
@@ -73,13 +72,18 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def _schema_version(connection: sqlite3.Connection) -> int:
+    table = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if table is None:
+        return 0
     row = connection.execute("SELECT version FROM schema_version").fetchone()
     return 0 if row is None else int(row[0])
 
 
 def _migrate(connection: sqlite3.Connection) -> None:
-    # A plain read first: an up-to-date database opens even while another connection writes.
-    connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    # Only reads unless a step is due: an up-to-date database opens while another connection
+    # holds the write lock.
     if _schema_version(connection) == SCHEMA_VERSION:
         return
     connection.execute("BEGIN IMMEDIATE")
@@ -89,6 +93,7 @@ def _migrate(connection: sqlite3.Connection) -> None:
             raise HistorySchemaError(
                 f"history schema version {version} is newer than this relayprobe's {SCHEMA_VERSION}"
             )
+        connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         for step in MIGRATIONS[version:]:
             step(connection)
         connection.execute("DELETE FROM schema_version")
@@ -125,6 +130,9 @@ def _count_field(result: Mapping[str, Any], key: str) -> int:
     return value
 
 
+COUNT_FIELDS = ("accepted", "relayed", "deferred", "rejected", "errors")
+
+
 def _row(result: Mapping[str, Any]) -> tuple[str | int | float, ...]:
     """The column values for `result`; ValueError if a field is missing or of the wrong kind."""
     duration_s = result.get("duration_s")
@@ -138,13 +146,13 @@ def _row(result: Mapping[str, Any]) -> tuple[str | int | float, ...]:
         _utc_text(datetime.datetime.fromisoformat(_text_field(result, "started_at"))),
         normalise_address(_text_field(result, "target")),
         _text_field(result, "verdict"),
-        *(_count_field(result, key) for key in ("accepted", "relayed", "deferred", "rejected")),
-        _count_field(result, "errors"),
+        *(_count_field(result, key) for key in COUNT_FIELDS),
         float(duration_s),
         document,
     )
 
 
+# A constant put into the SELECTs below (hence their noqa): no outside text reaches SQL.
 _ENTRY_COLUMNS = "id, started_at, target, verdict, accepted, duration_s, result"
 
 
@@ -173,9 +181,7 @@ class HistoryStore:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = directory / DATABASE_NAME
         # Autocommit: each statement is its own transaction unless a BEGIN says otherwise.
-        self._connection = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=True
-        )
+        self._connection = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
         try:
             self._connection.execute("PRAGMA journal_mode=WAL")
             # With WAL, NORMAL can lose the last commits on power loss but never corrupts.
@@ -295,16 +301,22 @@ class HistoryWriter:
         """Save what is queued, waiting at most `stop_timeout_s`; the rest is dropped and logged."""
         self._stopping.set()
         if self._thread.ident is None:
+            if not self._queue.empty():
+                self._log.error(
+                    "history.dropped", reason="writer not started", count=self._queue.qsize()
+                )
             return
-        with contextlib.suppress(queue.Full):  # a full queue keeps the thread busy: no wake needed
+        try:
             self._queue.put_nowait(None)
+            sentinels = 1
+        except queue.Full:  # a full queue keeps the thread busy: no wake needed
+            sentinels = 0
         await asyncio.to_thread(self._thread.join, self._stop_timeout_s)
         if self._thread.is_alive():
             self._abandoned.set()
-            self._log.error("history.stop_timeout", unsaved=self._queue.qsize())
+            self._log.error("history.stop_timeout", unsaved=max(0, self._queue.qsize() - sentinels))
 
     def _run(self) -> None:
-        self._open()
         next_prune = time.monotonic()
         while not self._abandoned.is_set():
             if self._stopping.is_set() and self._queue.empty():
@@ -395,10 +407,7 @@ def _shown(result: Mapping[str, Any], key: str) -> str:
 def format_entry(entry: HistoryEntry) -> list[str]:
     """`relayprobe history ID`: a few header lines, a blank line, then the stored transcript."""
     result = entry.result
-    counts = ", ".join(
-        f"{_shown(result, key)} {key}"
-        for key in ("accepted", "relayed", "deferred", "rejected", "errors")
-    )
+    counts = ", ".join(f"{_shown(result, key)} {key}" for key in COUNT_FIELDS)
     transcript = result.get("transcript")
     lines = transcript if isinstance(transcript, list) else []
     return [
