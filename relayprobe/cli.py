@@ -16,13 +16,14 @@ from typing import NoReturn
 import structlog
 
 from relayprobe import __version__, runtime
+from relayprobe.app import Application, canary_sink, new_registry
 from relayprobe.config import ConfigError, Settings, add_options, load_settings
 from relayprobe.demo import run_demo
 from relayprobe.engine import run_relay_test
 from relayprobe.events import Event
 from relayprobe.logging import configure_logging
 from relayprobe.render import Transcript, json_result
-from relayprobe.server import ReflectorService, StartupError
+from relayprobe.server import StartupError
 
 EXIT_BY_VERDICT = {"rejected": 0, "accepted": 1, "relayed": 1, "incomplete": 3}
 EXIT_USAGE = 2
@@ -83,7 +84,9 @@ async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
             if not as_json:
                 print(line, flush=True)
 
-    summary = await run_relay_test(address, settings.test_options(), show)
+    registry = new_registry(settings)
+    async with canary_sink(settings, registry):
+        summary = await run_relay_test(address, settings.test_options(), show, registry=registry)
     if as_json:
         print(json.dumps(json_result(summary, transcript.lines), indent=2))
     return EXIT_BY_VERDICT[summary.verdict]
@@ -91,16 +94,15 @@ async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
 
 async def _serve(settings: Settings) -> int:
     log = structlog.get_logger("relayprobe")
-    service = ReflectorService(settings)
-    bound = await service.start()
-    log.info("listening", addresses=[str(endpoint) for endpoint in bound])
+    app = Application(settings)
+    await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info("shutting_down", sessions=len(service.sessions))
-    await service.shutdown()
+    log.info("shutting_down", sessions=len(app.reflector.sessions))
+    await app.shutdown()
     log.info("stopped")
     return 0
 
@@ -111,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args)
         if command == "check":
+            configure_logging("console", level=logging.WARNING)
             return runtime.run(_check(args["target"], settings, as_json=args["json"]))
         if command == "serve":
             if args["check_config"]:

@@ -76,10 +76,6 @@ def parse_seconds(value: object) -> float:
     return seconds
 
 
-def parse_seconds_or_zero(value: object) -> float:
-    return 0.0 if _number(value) == 0 else parse_seconds(value)
-
-
 def parse_count(value: object) -> int:
     number = _number(value)
     if number != int(number) or number < 1:
@@ -213,6 +209,20 @@ class Settings:
     rdns_timeout: float = field(
         default=2.0, metadata=_option(parse_seconds, "seconds to wait for reverse DNS", metavar="S")
     )
+    sink_listen: Endpoint | None = field(
+        default=None,
+        metadata=_option(
+            parse_endpoint, "run the canary sink for the test domain here", metavar="ADDR:PORT"
+        ),
+    )
+    confirm: bool = field(
+        default=True,
+        metadata=_option(parse_bool, "prove relaying by delivery to the canary sink", flag=True),
+    )
+    confirm_wait: float = field(
+        default=30.0,
+        metadata=_option(parse_seconds, "seconds to wait for relayed test messages", metavar="S"),
+    )
     max_sessions: int = field(
         default=200,
         metadata=_option(parse_count, "tests running at once", commands=_SERVE, metavar="N"),
@@ -231,7 +241,16 @@ class Settings:
         ),
     )
 
+    def confirmation_off_reason(self) -> str | None:
+        """Why delivery confirmation is off, or None when it is on."""
+        if not self.confirm:
+            return "turned off by the operator"
+        if self.sink_listen is None:
+            return "no canary sink configured (sink_listen)"
+        return None
+
     def test_options(self) -> RelayTestOptions:
+        off = self.confirmation_off_reason()
         return RelayTestOptions(
             port=self.target_port,
             suite=build_suite(self.suite, self.probes),
@@ -242,6 +261,9 @@ class Settings:
             reply_timeout=self.reply_timeout,
             deadline=self.deadline,
             rdns_timeout=self.rdns_timeout,
+            confirm_wait=self.confirm_wait,
+            operator=self.helo_name,
+            notes=(f"delivery confirmation is off: {off}",) if off else (),
         )
 
 
@@ -278,11 +300,21 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         names = [option_flag(key)]
         if key == "target_port" and command == "check":
             names.insert(0, "--port")
+        described = f"{meta['help']} (default {_show_default(f.default)}; env {env_name(key)})"
+        if meta["flag"]:
+            parser.add_argument(
+                *names,
+                dest=key,
+                help=described,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+            )
+            continue
         parser.add_argument(
             *names,
             dest=key,
             metavar=meta["metavar"],
-            help=f"{meta['help']} (default {_show_default(f.default)}; env {env_name(key)})",
+            help=described,
             action="append" if meta["many"] else "store",
             default=argparse.SUPPRESS,
         )

@@ -17,6 +17,7 @@ from typing import cast
 
 import structlog
 
+from relayprobe.canary import CanaryRegistry
 from relayprobe.config import Endpoint, Settings
 from relayprobe.engine import run_relay_test
 from relayprobe.events import Event, Outcome, Summary
@@ -142,8 +143,9 @@ class TelnetSession(asyncio.Protocol):
 class ReflectorService:
     """Listeners, the session cap and graceful shutdown."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, registry: CanaryRegistry | None = None) -> None:
         self.settings = settings
+        self.registry = registry
         self.options = settings.test_options()
         self.servers: list[asyncio.Server] = []
         self.sessions: dict[int, TelnetSession] = {}
@@ -168,7 +170,7 @@ class ReflectorService:
                 )
             except OSError as exc:
                 await self.close_listeners()
-                raise StartupError(exc.errno, _bind_advice(endpoint, exc)) from None
+                raise StartupError(exc.errno, bind_advice(endpoint, exc)) from None
             self.servers.append(server)
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
@@ -196,7 +198,9 @@ class ReflectorService:
             if self.settings.motd:
                 for line in self.settings.motd.splitlines():
                     session.write_line(line)
-            summary = await run_relay_test(target, self.options, session.emit)
+            summary = await run_relay_test(
+                target, self.options, session.emit, registry=self.registry
+            )
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -249,7 +253,7 @@ def _log_end(session: TelnetSession, target: str, summary: Summary | None, durat
     )
 
 
-def _bind_advice(endpoint: Endpoint, exc: OSError) -> str:
+def bind_advice(endpoint: Endpoint, exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return (
             f"cannot listen on {endpoint}: permission denied; ports below 1024 need root or "

@@ -1,13 +1,37 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
 
 from relayprobe.fakemx import FakeMailServer
+from tests.infra import postfix
 
 StartServer = Callable[[FakeMailServer], Coroutine[Any, Any, int]]
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip where a real server is missing, but never in CI, which must run every test."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postfix_instances() -> Iterator[None]:
+    """The closed (127.0.0.2) and open (127.0.0.3) Postfix instances, stopped afterwards."""
+    reason = postfix.postfix_available()
+    if reason is not None:
+        skip_or_fail(reason)
+    already_running = all(
+        postfix.answers(host) for host in (postfix.CLOSED_HOST, postfix.OPEN_HOST)
+    )
+    postfix.ensure_started()
+    yield
+    if not already_running:
+        postfix.stop()
 
 
 @pytest.fixture

@@ -145,9 +145,7 @@ async def test_slow_reader_is_ended_and_others_keep_streaming(
 ) -> None:
     port = await start_server(Verbose())
     svc, endpoint = await service(port)
-    stuck_reader, stuck_writer = await asyncio.open_connection(
-        endpoint.host, endpoint.port, limit=1024
-    )
+    _, stuck_writer = await asyncio.open_connection(endpoint.host, endpoint.port, limit=1024)
     # Keep our receive window tiny so the service's output piles up on its side.
     stuck_writer.get_extra_info("socket").setsockopt(
         __import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096

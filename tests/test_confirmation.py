@@ -1,0 +1,133 @@
+"""Delivery confirmation with in-process fakes: the seed's qmail case and a relaying fake."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+
+from relayprobe.app import canary_sink, new_registry
+from relayprobe.config import Endpoint, Settings
+from relayprobe.engine import run_relay_test
+from relayprobe.events import Event, Outcome
+from relayprobe.fakemx import FakeMailServer, relays_like_qmail, relays_nothing
+from relayprobe.render import Transcript
+from tests.conftest import StartServer
+
+TOKEN_RCPT = re.compile(rb"RCPT TO:<.*nobody-([a-z2-7]{10})")
+
+
+async def no_ptr(address: str, *, timeout: float) -> str | None:
+    return None
+
+
+async def confirmed_test(port: int, *, wait: float = 1.0) -> Transcript:
+    settings = dataclasses.replace(
+        Settings(),
+        target_port=port,
+        reply_timeout=2.0,
+        sink_listen=Endpoint("127.0.0.1", 0),
+        confirm_wait=wait,
+    )
+    transcript = Transcript()
+    registry = new_registry(settings)
+
+    def emit(event: Event) -> None:
+        transcript.add(event)
+
+    async with canary_sink(settings, registry):
+        await run_relay_test(
+            "127.0.0.1", settings.test_options(), emit, registry=registry, ptr_lookup=no_ptr
+        )
+    return transcript
+
+
+async def test_qmail_case_accepts_but_is_not_confirmed(start_server: StartServer) -> None:
+    server = FakeMailServer(relay=relays_like_qmail)
+    transcript = await confirmed_test(await start_server(server), wait=0.5)
+    summary = transcript.summary
+    assert summary is not None
+    accepted = [probe.name for probe in summary.probes if probe.outcome is Outcome.ACCEPTED]
+    assert len(accepted) == 12
+    assert summary.verdict == "accepted"
+    assert transcript.lines[-3:] == [
+        "Tested host banner: 220 mx.fake.test ESMTP fake",
+        "System appeared to accept 12 relay attempts",
+        "Relay not confirmed: none of 12 test messages arrived within 0.5 s",
+    ]
+    assert ":Waiting up to 0.5 s for relayed test messages ..." in transcript.lines
+    # Every accepted probe sent a test message that carries its own token.
+    assert len(server.messages) == 12
+    tokens = [m.group(1) for c in server.commands if (m := TOKEN_RCPT.match(c))]
+    assert len(set(tokens)) == 20
+    for message in server.messages:
+        token = re.search(rb"X-Relayprobe-Token: ([a-z2-7]{10})\r\n", message)
+        assert token is not None and token.group(1) in tokens
+        assert b"\r\n\r\n" in message and b"Subject: relayprobe relay test " in message
+
+
+async def test_relay_confirmed_when_a_message_arrives(start_server: StartServer) -> None:
+    settings = dataclasses.replace(
+        Settings(), sink_listen=Endpoint("127.0.0.1", 0), confirm_wait=5.0
+    )
+    registry = new_registry(settings)
+    assert registry is not None
+    async with canary_sink(settings, registry) as sink:
+        assert sink is not None
+        server = FakeMailServer(relay=lambda rcpt: b"%" in rcpt)
+        port = await start_server(server)
+        transcript = Transcript()
+
+        async def deliver_what_was_accepted() -> None:
+            # Plays the relay's queue: forwards the first accepted recipient to the sink.
+            while not server.messages:
+                await asyncio.sleep(0.01)
+            local = next(
+                m.group(0)
+                for c in server.commands
+                if b"%" in c and (m := re.search(rb"nobody-[a-z2-7]{10}", c))
+            )
+            reader, writer = await asyncio.open_connection(sink.host, sink.port)
+            for command in (
+                b"HELO relay.fake.test",
+                b"MAIL FROM:<>",
+                b"RCPT TO:<" + local + b"@relaytest.invalid>",
+                b"DATA",
+                b"Subject: relayed\r\n\r\nhello\r\n.",
+                b"QUIT",
+            ):
+                await reader.readuntil(b"\r\n")
+                writer.write(command + b"\r\n")
+            await reader.read()
+            writer.close()
+
+        relay = asyncio.create_task(deliver_what_was_accepted())
+        await run_relay_test(
+            "127.0.0.1",
+            dataclasses.replace(settings, target_port=port).test_options(),
+            transcript.add,
+            registry=registry,
+            ptr_lookup=no_ptr,
+        )
+        await relay
+    summary = transcript.summary
+    assert summary is not None
+    assert summary.verdict == "relayed"
+    assert [p.name for p in summary.probes if p.outcome is Outcome.RELAYED] == ["Test 8"]
+    assert any(
+        re.fullmatch(r":Relayed: Test 8 arrived after \d+\.\d s", line) for line in transcript.lines
+    )
+    assert "Relay confirmed: 1 of 4 test messages arrived (Test 8)" in transcript.lines, (
+        transcript.lines[-6:]
+    )
+
+
+async def test_confirmation_off_says_so_in_a_note(start_server: StartServer) -> None:
+    port = await start_server(FakeMailServer(relay=relays_nothing))
+    transcript = Transcript()
+    settings = dataclasses.replace(Settings(), target_port=port)
+    await run_relay_test("127.0.0.1", settings.test_options(), transcript.add, ptr_lookup=no_ptr)
+    assert transcript.lines[-1] == (
+        "Note: delivery confirmation is off: no canary sink configured (sink_listen)"
+    )
+    assert ">>> RCPT TO:<nobody@relaytest.invalid>" in transcript.lines

@@ -1,0 +1,144 @@
+"""The relay test against real Postfix instances on loopback (tests/infra/postfix.sh).
+
+127.0.0.2 is a stock Debian Postfix (closed: relaying deferred with 454); 127.0.0.3 has
+mynetworks = 0.0.0.0/0 (open) and hands mail for relaytest.invalid to 127.0.0.1:2525, where the
+confirmation tests run relayprobe's canary sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import time
+
+import pytest
+
+from relayprobe.app import Application, canary_sink, new_registry
+from relayprobe.config import Endpoint, Settings
+from relayprobe.engine import run_relay_test
+from relayprobe.events import Event, Outcome, Relayed
+from relayprobe.render import Transcript
+from tests.conftest import skip_or_fail
+from tests.infra import postfix
+
+pytestmark = pytest.mark.usefixtures("postfix_instances")
+
+SETTINGS = Settings(reply_timeout=10.0, test_domain=postfix.TEST_DOMAIN, confirm=False)
+SINK = Endpoint(postfix.SINK_HOST, postfix.SINK_PORT)
+
+
+async def relay_test(
+    target: str, settings: Settings = SETTINGS
+) -> tuple[Transcript, list[Event], float]:
+    transcript = Transcript()
+    events: list[Event] = []
+
+    def emit(event: Event) -> None:
+        events.append(event)
+        transcript.add(event)
+
+    registry = new_registry(settings)
+    started = time.monotonic()
+    async with canary_sink(settings, registry):
+        await run_relay_test(target, settings.test_options(), emit, registry=registry)
+    return transcript, events, time.monotonic() - started
+
+
+async def test_stock_postfix_rejects_every_probe_without_hitting_its_error_limit() -> None:
+    marker = postfix.log_marker()
+    transcript, _, duration = await relay_test(postfix.CLOSED_HOST)
+    summary = transcript.summary
+    assert summary is not None
+    assert [probe.name for probe in summary.probes] == [
+        "Quote test",
+        *(f"Test {n}" for n in range(1, 20)),
+    ]
+    assert Outcome.ERROR not in {probe.outcome for probe in summary.probes}
+    assert Outcome.ACCEPTED not in {probe.outcome for probe in summary.probes}
+    assert summary.verdict == "rejected"
+    assert transcript.lines[-4:-1] == [
+        "Tested host banner: 220 closed.relayprobe.test ESMTP Postfix (Debian/GNU)",
+        "System appeared to reject relay attempts",
+        # Test 12's stray quote is a syntax error (501); relaying is deferred (454).
+        "Note: 19 probes were deferred with a 4xx reply, a temporary refusal (Quote test, "
+        + ", ".join(f"Test {n}" for n in range(1, 20) if n != 12)
+        + ")",
+    ]
+    assert summary.probes[12].reply.startswith("501 5.1.3 Bad recipient address syntax")
+    assert "Relay access denied" in summary.probes[1].reply
+    assert postfix.error_limit_hits(marker)["closed"] == postfix.NO_HITS
+    # Under 1 s on loopback when the machine is quiet; the tarpit alone would cost 10 s or more.
+    assert duration < 5.0
+
+
+async def test_open_postfix_accepts_relay_attempts_without_hitting_its_error_limit() -> None:
+    marker = postfix.log_marker()
+    transcript, _, _ = await relay_test(postfix.OPEN_HOST)
+    summary = transcript.summary
+    assert summary is not None
+    accepted = [probe.name for probe in summary.probes if probe.outcome is Outcome.ACCEPTED]
+    assert "Test 1" in accepted and "Test 19" in accepted
+    assert Outcome.ERROR not in {probe.outcome for probe in summary.probes}
+    assert summary.verdict == "accepted"
+    assert f"System appeared to accept {len(accepted)} relay attempts" in transcript.lines
+    assert postfix.error_limit_hits(marker)["open"] == postfix.NO_HITS
+
+
+async def test_open_postfix_relay_is_confirmed_by_delivery_to_the_sink() -> None:
+    settings = dataclasses.replace(SETTINGS, confirm=True, sink_listen=SINK, confirm_wait=20.0)
+    transcript, events, _ = await relay_test(postfix.OPEN_HOST, settings)
+    summary = transcript.summary
+    assert summary is not None
+    relayed = [probe.name for probe in summary.probes if probe.outcome is Outcome.RELAYED]
+    arrived = [event.name for event in events if isinstance(event, Relayed)]
+    assert relayed and sorted(relayed) == sorted(arrived)
+    assert summary.verdict == "relayed"
+    confirmed = [line for line in transcript.lines if line.startswith("Relay confirmed: ")]
+    assert len(confirmed) == 1
+    assert f"{len(relayed)} of " in confirmed[0]
+    assert ":Waiting up to 20 s for relayed test messages ..." in transcript.lines
+    assert any(line.startswith(">>> RCPT TO:<nobody-") for line in transcript.lines)
+
+
+@pytest.mark.parametrize(
+    ("source", "verdict_line"),
+    [
+        (postfix.CLOSED_HOST, "System appeared to reject relay attempts"),
+        (postfix.OPEN_HOST, "Relay confirmed: "),
+    ],
+    ids=["closed", "open"],
+)
+async def test_real_telnet_client_sees_the_live_transcript(source: str, verdict_line: str) -> None:
+    if shutil.which("telnet") is None:
+        skip_or_fail("Debian's telnet is not installed (run .ci/system-packages as root)")
+    settings = dataclasses.replace(
+        SETTINGS,
+        listen=(Endpoint("127.0.0.1", 0),),
+        confirm=True,
+        sink_listen=SINK,
+        confirm_wait=20.0,
+    )
+    app = Application(settings)
+    await app.start()
+    try:
+        endpoint = app.listening[0]
+        # netkit telnet hangs up when its standard input ends: keep a pipe open to it.
+        telnet = await asyncio.create_subprocess_exec(
+            "telnet",
+            "-b",
+            source,
+            endpoint.host,
+            str(endpoint.port),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert telnet.stdout is not None
+        output = await asyncio.wait_for(telnet.stdout.read(), 60)
+        await telnet.wait()
+    finally:
+        await app.shutdown()
+    lines = output.decode().splitlines()
+    assert f"Connecting to {source} ..." in lines
+    assert sum(line.startswith(":Relay test: #") for line in lines) == 20
+    assert any(line.startswith(verdict_line) for line in lines), lines[-8:]
