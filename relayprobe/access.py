@@ -6,6 +6,7 @@ IPv6 addresses (::ffff:192.0.2.1) count as the IPv4 address they carry, everywhe
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -193,3 +194,25 @@ class RateLimiter:
             if now - log[-1] < self._limits[key[0]][1]:
                 return
             del self._logs[key]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a caller may not test now: a metrics label and the one line the caller reads."""
+
+    reason: str
+    message: str
+
+
+ACCESS_REFUSAL = Refusal("access", "This service tests only customer networks")
+_RATE_WHO = {"address": "your address", "prefix": "your network", "global": "everyone"}
+
+
+def rate_refusal(decision: RateDecision) -> Refusal:
+    """The refusal for a rate limit: which one, and when to come back."""
+    reason = decision.reason or "global"
+    seconds = max(1, math.ceil(decision.retry_after))
+    return Refusal(
+        f"rate_{reason}",
+        f"Too many tests from {_RATE_WHO[reason]}; try again in {seconds} s",
+    )

@@ -30,7 +30,6 @@ async def canary_sink(
     """Run the canary sink for the test domain while in the block; yield where it listens."""
     endpoint = settings.sink_listen
     if registry is None or endpoint is None:
-        log.warning("delivery_confirmation_off", reason=settings.confirmation_off_reason())
         yield None
         return
     sink = CanarySink(registry=registry, domain=settings.test_domain, hostname=settings.helo_name)
@@ -68,6 +67,10 @@ class Application:
             sink=str(self.sink_address) if self.sink_address else None,
             test_domain=self.settings.test_domain,
         )
+        if self.sink_address is None:
+            log.warning(
+                "delivery_confirmation_off", reason=self.settings.confirmation_off_reason()
+            )
 
     def ready(self) -> bool:
         return bool(self.listening) and (self.registry is None or self.sink_address is not None)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relayprobe.access import parse_network
 from relayprobe.engine import RelayTestOptions
 from relayprobe.hostname import is_hostname
 from relayprobe.probes import SUITES, Probe, build_suite
@@ -123,6 +124,42 @@ def _ip(host: str, text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         raise ValueError(f"{host!r} in {text!r} is not an IP address") from None
 
 
+def parse_network_text(value: object) -> str:
+    """A CIDR network, kept as text in its normal form; host bits set is an error."""
+    return str(parse_network(_text(value)))
+
+
+def parse_prefix_length(maximum: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        length = parse_count(value)
+        if length > maximum:
+            raise ValueError(f"expected a prefix length from 1 to {maximum}, got {value!r}")
+        return length
+
+    return parse
+
+
+def parse_rate(value: object) -> float:
+    rate = _number(value)
+    if not 0 < rate <= 1_000_000:
+        raise ValueError(f"expected a rate above 0, got {value!r}")
+    return rate
+
+
+def parse_days(value: object) -> float:
+    days = _number(value)
+    if not 0 < days <= 100_000:
+        raise ValueError(f"expected a number of days above 0, got {value!r}")
+    return days
+
+
+def parse_path(value: object) -> str:
+    text = _text(value)
+    if not text:
+        raise ValueError("expected a directory path")
+    return text
+
+
 def parse_suite(value: object) -> str:
     name = _text(value)
     if name not in SUITES:
@@ -159,6 +196,7 @@ def _option(
 
 
 _SERVE = frozenset({"serve"})
+_STATE = frozenset({"serve", "history"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,6 +260,129 @@ class Settings:
     confirm_wait: float = field(
         default=30.0,
         metadata=_option(parse_seconds, "seconds to wait for relayed test messages", metavar="S"),
+    )
+    allow: tuple[str, ...] = field(
+        default=(),
+        metadata=_option(
+            parse_network_text,
+            "networks that may test (repeatable; none: everyone)",
+            commands=_SERVE,
+            metavar="CIDR",
+            many=True,
+        ),
+    )
+    deny: tuple[str, ...] = field(
+        default=(),
+        metadata=_option(
+            parse_network_text,
+            "networks that may not test; wins over allow (repeatable)",
+            commands=_SERVE,
+            metavar="CIDR",
+            many=True,
+        ),
+    )
+    rate_limit: bool = field(
+        default=True,
+        metadata=_option(
+            parse_bool, "limit how often callers may test", commands=_SERVE, flag=True
+        ),
+    )
+    rate_address_interval: float = field(
+        default=60.0,
+        metadata=_option(
+            parse_seconds, "seconds between two tests of one address", commands=_SERVE, metavar="S"
+        ),
+    )
+    rate_prefix_tests: int = field(
+        default=10,
+        metadata=_option(
+            parse_count, "tests per window from one network prefix", commands=_SERVE, metavar="N"
+        ),
+    )
+    rate_prefix_window: float = field(
+        default=60.0,
+        metadata=_option(
+            parse_seconds, "seconds of the per-prefix window", commands=_SERVE, metavar="S"
+        ),
+    )
+    rate_ipv4_prefix: int = field(
+        default=24,
+        metadata=_option(
+            parse_prefix_length(32),
+            "IPv4 prefix length rate-limited together",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    rate_ipv6_prefix: int = field(
+        default=56,
+        metadata=_option(
+            parse_prefix_length(128),
+            "IPv6 prefix length rate-limited together",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    rate_global: float = field(
+        default=5.0,
+        metadata=_option(
+            parse_rate,
+            "new outbound tests per second, all callers together",
+            commands=_SERVE,
+            metavar="R",
+        ),
+    )
+    proxy_protocol: bool = field(
+        default=False,
+        metadata=_option(
+            parse_bool,
+            "expect a PROXY protocol v1/v2 header on every connection",
+            commands=_SERVE,
+            flag=True,
+        ),
+    )
+    trusted_proxy: tuple[str, ...] = field(
+        default=(),
+        metadata=_option(
+            parse_network_text,
+            "networks whose PROXY headers are believed (repeatable)",
+            commands=_SERVE,
+            metavar="CIDR",
+            many=True,
+        ),
+    )
+    proxy_timeout: float = field(
+        default=5.0,
+        metadata=_option(
+            parse_seconds, "seconds to wait for the PROXY header", commands=_SERVE, metavar="S"
+        ),
+    )
+    http_listen: Endpoint | None = field(
+        default=None,
+        metadata=_option(
+            parse_endpoint,
+            "serve /metrics, /healthz and /readyz here",
+            commands=_SERVE,
+            metavar="ADDR:PORT",
+        ),
+    )
+    state_dir: str = field(
+        default="/var/lib/relayprobe",
+        metadata=_option(
+            parse_path, "directory of the result history", commands=_STATE, metavar="DIR"
+        ),
+    )
+    history: bool = field(
+        default=True,
+        metadata=_option(
+            parse_bool, "store every result in the history", commands=_SERVE, flag=True
+        ),
+    )
+    retention_days: float = field(
+        default=90.0,
+        metadata=_option(
+            parse_days, "days to keep results in the history", commands=_SERVE, metavar="D"
+        ),
     )
     max_sessions: int = field(
         default=200,
@@ -295,7 +456,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     )
     for key, f in _FIELDS.items():
         meta = f.metadata
-        if meta["file_only"] or (command not in meta["commands"] and command != "demo"):
+        demo_takes = command == "demo" and "check" in meta["commands"]
+        if meta["file_only"] or (command not in meta["commands"] and not demo_takes):
             continue
         names = [option_flag(key)]
         if key == "target_port" and command == "check":
@@ -382,6 +544,8 @@ def load_settings(
         if key in _FIELDS:
             values[key] = _parse(key, raw, option_flag(key))
     settings = Settings(**values)
+    if settings.proxy_protocol and not settings.trusted_proxy:
+        raise ConfigError("proxy_protocol: needs at least one trusted_proxy network")
     try:
         build_suite(settings.suite, settings.probes)
     except ValueError as exc:

@@ -75,16 +75,35 @@ def json_result(summary: Summary, transcript: Sequence[str]) -> dict[str, Any]:
     }
 
 
-class Transcript:
-    """Collects the transcript lines of a test while passing each on as it happens."""
+# A hostile server can make a long transcript; what is kept for the record is bounded.
+MAX_KEPT_CHARS = 256 * 1024
 
-    def __init__(self) -> None:
+
+class Transcript:
+    """Collects the transcript lines of a test while passing each on as it happens.
+
+    Past `max_chars` the middle of the transcript is not kept (one line says so); the summary
+    block always is.
+    """
+
+    def __init__(self, *, max_chars: int = MAX_KEPT_CHARS) -> None:
         self.lines: list[str] = []
         self.summary: Summary | None = None
+        self._room = max_chars
+        self._dropped = 0
 
     def add(self, event: Event) -> tuple[str, ...]:
+        lines = text_lines(event)
         if isinstance(event, Summary):
             self.summary = event
-        lines = text_lines(event)
-        self.lines.extend(lines)
+            if self._dropped:
+                self.lines.append(f":({self._dropped} transcript lines not kept)")
+            self.lines.extend(lines)
+            return lines
+        for line in lines:
+            self._room -= len(line)
+            if self._room >= 0:
+                self.lines.append(line)
+            else:
+                self._dropped += 1
         return lines

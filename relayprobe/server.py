@@ -1,7 +1,8 @@
 """The telnet reflector: whoever connects gets their own port 25 tested, live.
 
-A thin asyncio adapter around the engine and the telnet codec. The target is always the TCP peer
-of the connection; nothing the caller types is used except to notice Ctrl-C.
+A thin asyncio adapter around the engine, the telnet codec and the PROXY header parser. The
+target is the TCP peer of the connection, or the source in a PROXY header from a trusted proxy;
+nothing the caller types is used except to notice Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,29 +12,40 @@ import errno
 import ipaddress
 import itertools
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import structlog
 
+from relayprobe.access import (
+    ACCESS_REFUSAL,
+    AccessPolicy,
+    RateLimiter,
+    Refusal,
+    parse_network,
+    rate_refusal,
+)
 from relayprobe.canary import CanaryRegistry
 from relayprobe.config import Endpoint, Settings
 from relayprobe.engine import run_relay_test
-from relayprobe.events import Event, Outcome, Summary
-from relayprobe.render import text_lines
+from relayprobe.events import Event, Summary
+from relayprobe.metrics import Metrics
+from relayprobe.proxyproto import ProxyHeaderError, ProxyHeaderParser
+from relayprobe.render import Transcript, json_result
 from relayprobe.telnet import TelnetInput, encode_line
 
 log = structlog.get_logger("relayprobe.server")
 
-BUSY_MESSAGE = "Too many tests running, try again in a minute"
+BUSY = Refusal("busy", "Too many tests running, try again in a minute")
 SHUTDOWN_MESSAGE = ":Service shutting down"
 # Past this much unsent output the caller is not reading: end the session.
 MAX_OUTPUT_BYTES = 256 * 1024
 # Above this, asyncio asks us to pause; a pause longer than the reply timeout ends the session.
 WRITE_HIGH_WATER = 64 * 1024
-READ_CHUNK = 4096
 LISTEN_BACKLOG = 4096
+SLOW_CLIENT = "client stopped reading"
+
+ResultSink = Callable[[Mapping[str, Any]], None]
 
 
 class StartupError(OSError):
@@ -48,22 +60,19 @@ def target_address(peer: str) -> str:
     return str(address)
 
 
-@dataclass(frozen=True, slots=True)
-class SessionEnd:
-    reason: str
-    summary: Summary | None
-
-
 class TelnetSession(asyncio.Protocol):
-    """One caller: stream the relay test of their address into their terminal."""
+    """One caller: (read a PROXY header,) admit, and stream the relay test of their address."""
 
     def __init__(self, service: ReflectorService, session_id: int) -> None:
         self.service = service
         self.session_id = session_id
         self.telnet = TelnetInput()
+        self.transcript = Transcript()
         self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.proxy: ProxyHeaderParser | None = None
         self.task: asyncio.Task[None] | None = None
-        self.stall_timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.end_reason = "finished"
         self.log = log
 
@@ -71,20 +80,23 @@ class TelnetSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        peer = transport.get_extra_info("peername")[0]
-        self.log = log.bind(session=self.session_id, peer=peer)
-        if not self.service.has_room():
-            self.service.refused("busy")
-            self.log.info("session_refused", reason="busy")
-            self.write_line(BUSY_MESSAGE)
-            transport.close()
-            return
-        self.task = self.service.start_session(self, target_address(peer))
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.peer = target_address(transport.get_extra_info("peername")[0])
+        self.log = log.bind(session=self.session_id, peer=self.peer)
+        if not self.service.settings.proxy_protocol:
+            self._admit(self.peer)
+        elif self.service.is_trusted_proxy(self.peer):
+            self.proxy = ProxyHeaderParser()
+            self._start_timer(
+                self.service.settings.proxy_timeout, self._drop, "no PROXY header in time"
+            )
+        else:
+            self._drop("untrusted proxy")
 
     def data_received(self, data: bytes) -> None:
+        if self.proxy is not None:
+            data = self._read_proxy_header(data)
         result = self.telnet.feed(data)
         if result.reply and self.transport is not None:
             self.transport.write(result.reply)
@@ -97,15 +109,48 @@ class TelnetSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.end("client closed")
-        self._cancel_stall_timer()
+        self._cancel_timer()
 
     def pause_writing(self) -> None:
-        self.stall_timer = asyncio.get_running_loop().call_later(
-            self.service.settings.reply_timeout, self.end, "client stopped reading"
-        )
+        self._start_timer(self.service.settings.reply_timeout, self.end, SLOW_CLIENT)
 
     def resume_writing(self) -> None:
-        self._cancel_stall_timer()
+        self._cancel_timer()
+
+    # Before the test
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """Feed the PROXY parser; admit the caller once the header is complete."""
+        assert self.proxy is not None
+        try:
+            header = self.proxy.feed(data)
+        except ProxyHeaderError as exc:
+            self._drop(f"bad PROXY header: {exc}")
+            return b""
+        if header is None:
+            return b""
+        self._cancel_timer()
+        rest, self.proxy = self.proxy.remainder, None
+        caller = target_address(header.source[0]) if header.source else self.peer
+        self.log = self.log.bind(caller=caller)
+        self._admit(caller)
+        return rest
+
+    def _admit(self, caller: str) -> None:
+        refusal = self.service.admit(caller)
+        if refusal is None:
+            self.task = self.service.start_session(self, caller)
+            return
+        self.log.info("session_refused", reason=refusal.reason, target=caller)
+        self.service.metrics.refused(refusal.reason)
+        self.write_line(refusal.message)
+        self.end(refusal.reason)
+
+    def _drop(self, why: str) -> None:
+        """Close a connection whose PROXY header can't be believed; nothing connects out."""
+        self.log.warning("proxy_refused", why=why)
+        self.service.metrics.refused("proxy")
+        self.end("proxy")
 
     # Output
 
@@ -115,10 +160,10 @@ class TelnetSession(asyncio.Protocol):
             return
         transport.write(encode_line(line))
         if transport.get_write_buffer_size() > MAX_OUTPUT_BYTES:
-            self.end("client stopped reading")
+            self.end(SLOW_CLIENT)
 
     def emit(self, event: Event) -> None:
-        for line in text_lines(event):
+        for line in self.transcript.add(event):
             self.write_line(line)
 
     # Ending
@@ -128,29 +173,57 @@ class TelnetSession(asyncio.Protocol):
         if self.task is not None and not self.task.done() and not self.task.cancelling():
             self.end_reason = reason
             self.task.cancel()
-        if self.transport is not None and not self.transport.is_closing():
-            if reason == "client stopped reading":
-                self.transport.abort()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if reason in (SLOW_CLIENT, "proxy"):
+                transport.abort()
             else:
-                self.transport.close()
+                transport.close()
 
-    def _cancel_stall_timer(self) -> None:
-        if self.stall_timer is not None:
-            self.stall_timer.cancel()
-            self.stall_timer = None
+    def _start_timer(self, delay: float, action: Callable[[str], None], reason: str) -> None:
+        self._cancel_timer()
+        self.timer = asyncio.get_running_loop().call_later(delay, action, reason)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class ReflectorService:
-    """Listeners, the session cap and graceful shutdown."""
+    """Listeners, admission (access, session cap, rate limits) and graceful shutdown."""
 
-    def __init__(self, settings: Settings, *, registry: CanaryRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CanaryRegistry | None = None,
+        metrics: Metrics | None = None,
+        on_result: ResultSink | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
+        self.metrics = metrics or Metrics()
+        self.on_result = on_result
         self.options = settings.test_options()
+        self.policy = AccessPolicy(allow=settings.allow, deny=settings.deny)
+        self.limiter = (
+            RateLimiter(
+                per_address_interval=settings.rate_address_interval,
+                per_prefix=settings.rate_prefix_tests,
+                prefix_window=settings.rate_prefix_window,
+                ipv4_prefix=settings.rate_ipv4_prefix,
+                ipv6_prefix=settings.rate_ipv6_prefix,
+                global_per_second=settings.rate_global,
+                global_burst=max(1, round(settings.rate_global)),
+            )
+            if settings.rate_limit
+            else None
+        )
+        self.trusted_proxies = tuple(parse_network(cidr) for cidr in settings.trusted_proxy)
         self.servers: list[asyncio.Server] = []
         self.sessions: dict[int, TelnetSession] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.refusals: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._shutting_down = False
 
@@ -158,11 +231,14 @@ class ReflectorService:
         """Listen on every configured endpoint; return the addresses actually bound."""
         loop = asyncio.get_running_loop()
         bound: list[Endpoint] = []
+
+        def new_session() -> TelnetSession:
+            return TelnetSession(self, next(self._ids))
+
         for endpoint in self.settings.listen:
-            factory: Callable[[], TelnetSession] = lambda: TelnetSession(self, next(self._ids))  # noqa: E731
             try:
                 server = await loop.create_server(
-                    factory,
+                    new_session,
                     endpoint.host,
                     endpoint.port,
                     backlog=LISTEN_BACKLOG,
@@ -177,11 +253,22 @@ class ReflectorService:
                 bound.append(Endpoint(host, port))
         return bound
 
-    def has_room(self) -> bool:
-        return not self._shutting_down and len(self.sessions) < self.settings.max_sessions
+    def is_trusted_proxy(self, peer: str) -> bool:
+        address = ipaddress.ip_address(peer)
+        return any(address in network for network in self.trusted_proxies)
 
-    def refused(self, reason: str) -> None:
-        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+    def admit(self, caller: str) -> Refusal | None:
+        """Whether `caller` may test now; a rate limit is only charged when the answer is yes."""
+        address = ipaddress.ip_address(caller)
+        if not self.policy.permits(address):
+            return ACCESS_REFUSAL
+        if self._shutting_down or len(self.sessions) >= self.settings.max_sessions:
+            return BUSY
+        if self.limiter is not None:
+            decision = self.limiter.check(address)
+            if not decision.allowed:
+                return rate_refusal(decision)
+        return None
 
     def start_session(self, session: TelnetSession, target: str) -> asyncio.Task[None]:
         self.sessions[session.session_id] = session
@@ -193,14 +280,15 @@ class ReflectorService:
     async def _run_session(self, session: TelnetSession, target: str) -> None:
         started = time.monotonic()
         session.log.info("session_start", target=target)
+        self.metrics.test_started()
         summary: Summary | None = None
         try:
-            if self.settings.motd:
+            with self.metrics.session():
                 for line in self.settings.motd.splitlines():
                     session.write_line(line)
-            summary = await run_relay_test(
-                target, self.options, session.emit, registry=self.registry
-            )
+                summary = await run_relay_test(
+                    target, self.options, session.emit, registry=self.registry
+                )
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -209,9 +297,40 @@ class ReflectorService:
             session.write_line(":Internal error; the test was stopped")
         finally:
             del self.sessions[session.session_id]
-            if session.transport is not None and not session.transport.is_closing():
-                session.transport.close()
-            _log_end(session, target, summary, time.monotonic() - started)
+            session.end(session.end_reason)
+            if session.end_reason == SLOW_CLIENT:
+                self.metrics.refused("slow_client")
+            self._finished(session, target, summary, time.monotonic() - started)
+
+    def _finished(
+        self, session: TelnetSession, target: str, summary: Summary | None, duration: float
+    ) -> None:
+        if summary is None:
+            session.log.info(
+                "session_end",
+                target=target,
+                reason=session.end_reason,
+                duration_s=round(duration, 3),
+            )
+            return
+        result = json_result(summary, session.transcript.lines)
+        self.metrics.test_finished(
+            summary.verdict, duration, [probe.outcome for probe in summary.probes]
+        )
+        counts = {
+            key: result[key] for key in ("accepted", "relayed", "deferred", "rejected", "errors")
+        }
+        session.log.info(
+            "session_end",
+            target=target,
+            reason="finished",
+            verdict=summary.verdict,
+            banner=summary.banner,
+            duration_s=round(duration, 3),
+            **counts,
+        )
+        if self.on_result is not None:
+            self.on_result(result)
 
     async def close_listeners(self) -> None:
         for server in self.servers:
@@ -231,26 +350,6 @@ class ReflectorService:
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=grace)
         await self.close_listeners()
-
-
-def _log_end(session: TelnetSession, target: str, summary: Summary | None, duration: float) -> None:
-    if summary is None:
-        session.log.info(
-            "session_end", target=target, reason=session.end_reason, duration_s=round(duration, 3)
-        )
-        return
-    counts = {outcome.value: 0 for outcome in Outcome}
-    for probe in summary.probes:
-        counts[probe.outcome.value] += 1
-    session.log.info(
-        "session_end",
-        target=target,
-        reason="finished",
-        verdict=summary.verdict,
-        banner=summary.banner,
-        duration_s=round(duration, 3),
-        **counts,
-    )
 
 
 def bind_advice(endpoint: Endpoint, exc: OSError) -> str:

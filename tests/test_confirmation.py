@@ -68,7 +68,7 @@ async def test_qmail_case_accepts_but_is_not_confirmed(start_server: StartServer
 
 async def test_relay_confirmed_when_a_message_arrives(start_server: StartServer) -> None:
     settings = dataclasses.replace(
-        Settings(), sink_listen=Endpoint("127.0.0.1", 0), confirm_wait=5.0
+        Settings(), sink_listen=Endpoint("127.0.0.1", 0), confirm_wait=1.0
     )
     registry = new_registry(settings)
     assert registry is not None

@@ -16,7 +16,7 @@ import pytest
 
 from relayprobe.config import Endpoint, Settings
 from relayprobe.fakemx import FakeMailServer, SessionState, relays_nothing
-from relayprobe.server import BUSY_MESSAGE, MAX_OUTPUT_BYTES, ReflectorService, target_address
+from relayprobe.server import BUSY, MAX_OUTPUT_BYTES, ReflectorService, target_address
 from relayprobe.telnet import IAC, IP
 
 from .conftest import StartServer
@@ -35,6 +35,7 @@ async def service() -> AsyncIterator[Service]:
             listen=listen,
             target_port=target_port,
             reply_timeout=2.0,
+            rate_limit=False,
             **changes,  # type: ignore[arg-type]
         )
         service = ReflectorService(settings)
@@ -77,9 +78,10 @@ async def test_caller_gets_the_full_transcript_of_their_own_address(
         "Connecting to 127.0.0.5 ...",
         "<<< 220 mx.fake.test ESMTP fake",
     ]
-    assert lines[-3:] == [
+    assert lines[-4:] == [
         "Tested host banner: 220 mx.fake.test ESMTP fake",
         "System appeared to reject relay attempts",
+        "Note: delivery confirmation is off: no canary sink configured (sink_listen)",
         "",
     ]
     assert sum(line.startswith(":Relay test: #") for line in lines) == 20
@@ -95,7 +97,7 @@ async def test_transcript_streams_live(start_server: StartServer, service: Servi
     assert b"Connecting to 127.0.0.1 ..." in first
     rest = await asyncio.wait_for(reader.read(), 10)
     writer.close()
-    assert rest.endswith(b"System appeared to reject relay attempts\r\n")
+    assert b"\r\nSystem appeared to reject relay attempts\r\n" in rest
 
 
 async def _hang_up_mid_test(endpoint: Endpoint, mail: FakeMailServer, *, interrupt: bool) -> float:
@@ -161,7 +163,7 @@ async def test_slow_reader_is_ended_and_others_keep_streaming(
     assert not svc.sessions, "the stuck session should have been ended"
     assert largest <= MAX_OUTPUT_BYTES + 16 * 1024
     other = await call(endpoint)
-    assert other[-2] == "System appeared to reject relay attempts"
+    assert "System appeared to reject relay attempts" in other
     stuck_writer.close()
 
 
@@ -172,7 +174,7 @@ async def test_session_cap_refuses_without_connecting_out(
     _, endpoint = await service(await start_server(mail), max_sessions=1)
     reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
     await asyncio.wait_for(reader.readuntil(b"<<< 220"), 5)
-    assert await call(endpoint) == [BUSY_MESSAGE, ""]
+    assert await call(endpoint) == [BUSY.message, ""]
     assert mail.sessions == 1
     writer.close()
 
@@ -190,7 +192,7 @@ async def test_ipv6_listener_connects_back_to_ipv6_caller(service: Service) -> N
         await mail.stop()
     assert lines[0] == "Connecting to ::1 ..."
     assert ">>> MAIL FROM:<spamtest@[IPv6:::1]>" in lines
-    assert lines[-2] == "System appeared to reject relay attempts"
+    assert "System appeared to reject relay attempts" in lines
 
 
 def _relayprobe(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
