@@ -1,19 +1,23 @@
 """The whole service: the reflector, the canary sink and what an operator needs around them.
 
-Starts the parts in order (the sink before callers can arrive) and stops them in reverse.
+Starts the parts in order (history and sink before callers can arrive, the operators' HTTP
+endpoint last) and stops them in reverse.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 
 from relayprobe.canary import InMemoryRegistry
 from relayprobe.config import Endpoint, Settings
+from relayprobe.http import OperatorHTTP
+from relayprobe.metrics import Metrics
 from relayprobe.server import ReflectorService, StartupError, bind_advice
 from relayprobe.sink import CanarySink
+from relayprobe.store import HistoryWriter
 
 log = structlog.get_logger("relayprobe")
 
@@ -25,14 +29,22 @@ def new_registry(settings: Settings) -> InMemoryRegistry | None:
 
 @contextlib.asynccontextmanager
 async def canary_sink(
-    settings: Settings, registry: InMemoryRegistry | None
+    settings: Settings,
+    registry: InMemoryRegistry | None,
+    *,
+    on_delivery: Callable[[], None] | None = None,
 ) -> AsyncIterator[Endpoint | None]:
     """Run the canary sink for the test domain while in the block; yield where it listens."""
     endpoint = settings.sink_listen
     if registry is None or endpoint is None:
         yield None
         return
-    sink = CanarySink(registry=registry, domain=settings.test_domain, hostname=settings.helo_name)
+    sink = CanarySink(
+        registry=registry,
+        domain=settings.test_domain,
+        hostname=settings.helo_name,
+        on_delivery=on_delivery,
+    )
     try:
         host, port = await sink.start(endpoint.host, endpoint.port)
     except OSError as exc:
@@ -46,18 +58,27 @@ async def canary_sink(
 class Application:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = Metrics()
         self.registry = new_registry(settings)
-        self.reflector = ReflectorService(settings, registry=self.registry)
+        self.history = (
+            HistoryWriter(state_dir=settings.state_dir, retention_days=settings.retention_days)
+            if settings.history
+            else None
+        )
+        self.reflector = ReflectorService(
+            settings,
+            registry=self.registry,
+            metrics=self.metrics,
+            on_result=self.history.submit if self.history is not None else None,
+        )
         self.listening: list[Endpoint] = []
         self.sink_address: Endpoint | None = None
+        self.http_address: Endpoint | None = None
         self._stack = contextlib.AsyncExitStack()
 
     async def start(self) -> None:
         try:
-            self.sink_address = await self._stack.enter_async_context(
-                canary_sink(self.settings, self.registry)
-            )
-            self.listening = await self.reflector.start()
+            await self._start()
         except BaseException:
             await self._stack.aclose()
             raise
@@ -65,16 +86,35 @@ class Application:
             "listening",
             addresses=[str(endpoint) for endpoint in self.listening],
             sink=str(self.sink_address) if self.sink_address else None,
+            http=str(self.http_address) if self.http_address else None,
             test_domain=self.settings.test_domain,
         )
         if self.sink_address is None:
-            log.warning(
-                "delivery_confirmation_off", reason=self.settings.confirmation_off_reason()
-            )
+            log.warning("delivery_confirmation_off", reason=self.settings.confirmation_off_reason())
+
+    async def _start(self) -> None:
+        if self.history is not None:
+            await self.history.start()
+            self._stack.push_async_callback(self.history.stop)
+        self.sink_address = await self._stack.enter_async_context(
+            canary_sink(self.settings, self.registry, on_delivery=self.metrics.sink_delivery)
+        )
+        self.listening = await self.reflector.start()
+        self._stack.push_async_callback(self.reflector.shutdown)
+        endpoint = self.settings.http_listen
+        if endpoint is not None:
+            http = OperatorHTTP(metrics=self.metrics, ready=self.ready)
+            try:
+                host, port = await http.start(endpoint.host, endpoint.port)
+            except OSError as exc:
+                raise StartupError(exc.errno, f"HTTP: {bind_advice(endpoint, exc)}") from None
+            self._stack.push_async_callback(http.stop)
+            self.http_address = Endpoint(host, port)
 
     def ready(self) -> bool:
-        return bool(self.listening) and (self.registry is None or self.sink_address is not None)
+        return bool(self.reflector.servers) and (
+            self.registry is None or self.sink_address is not None
+        )
 
     async def shutdown(self) -> None:
-        await self.reflector.shutdown()
         await self._stack.aclose()

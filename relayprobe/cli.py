@@ -9,9 +9,11 @@ import json
 import logging
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import structlog
 
@@ -24,6 +26,7 @@ from relayprobe.events import Event
 from relayprobe.logging import configure_logging
 from relayprobe.render import Transcript, json_result
 from relayprobe.server import StartupError
+from relayprobe.store import DATABASE_NAME, HistoryStore, format_entry, format_table
 
 EXIT_BY_VERDICT = {"rejected": 0, "accepted": 1, "relayed": 1, "incomplete": 3}
 EXIT_USAGE = 2
@@ -58,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
     add_options(serve, "serve")
+    history = commands.add_parser("history", help="list stored results, or show one")
+    history.add_argument(
+        "address", nargs="?", metavar="ADDRESS", help="only results for this address"
+    )
+    history.add_argument("--limit", type=int, default=20, metavar="N", help="at most N results")
+    history.add_argument(
+        "--show", type=int, metavar="ID", help="print the transcript of one result"
+    )
+    history.add_argument("--json", action="store_true", help="print JSON results")
+    add_options(history, "history")
     demo = commands.add_parser("demo", help="show the service against two fake mail servers")
     add_options(demo, "demo")
     return parser
@@ -107,6 +120,35 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
+def _history(settings: Settings, args: dict[str, Any]) -> int:
+    if args["limit"] < 1:
+        raise UsageError("--limit must be at least 1")
+    if not Path(settings.state_dir, DATABASE_NAME).exists():
+        raise UsageError(f"no history in {settings.state_dir} (see --state-dir)")
+    try:
+        with HistoryStore(settings.state_dir) as store:
+            if args["show"] is not None:
+                entry = store.get(args["show"])
+                if entry is None:
+                    raise UsageError(f"no result with ID {args['show']}")
+                entries = [entry]
+            else:
+                entries = store.recent(address=args["address"], limit=args["limit"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except (sqlite3.Error, OSError) as exc:
+        raise UsageError(f"cannot read the history in {settings.state_dir}: {exc}") from None
+    if args["json"]:
+        print(json.dumps([entry.result for entry in entries], indent=2))
+    elif args["show"] is not None:
+        print("\n".join(format_entry(entries[0])))
+    elif entries:
+        print("\n".join(format_table(entries)))
+    else:
+        print("no results")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
@@ -121,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             configure_logging(settings.log_format)
             return runtime.run(_serve(settings))
+        if command == "history":
+            return _history(settings, args)
         if command == "demo":
             configure_logging(settings.log_format, level=logging.WARNING)
             runtime.run(run_demo(settings))
