@@ -82,6 +82,10 @@ class SessionLost(ConnectionError):
     """The session ended under a probe: EOF, 421, a reply timeout or an unusable reply."""
 
 
+class UnusableReply(SessionLost):
+    """A reply too long to keep or not SMTP at all; the session can't be trusted after it."""
+
+
 class _RelayTest:
     def __init__(
         self, target: str, options: RelayTestOptions, emit: Emit, registry: CanaryRegistry | None
@@ -92,6 +96,7 @@ class _RelayTest:
         self.registry = registry
         self.tokens: dict[str, str] = {}
         self.sent: list[_TestMessage] = []
+        self.registry_full = False
         self.session: SMTPSession | None = None
         self.errors = 0
         self.syntax_errors = 0
@@ -135,8 +140,11 @@ class _RelayTest:
         finally:
             self._forget_tokens()
         notes = self.options.notes
-        if self.registry is not None and self.tokens == {} and self.results:
-            notes = (*notes, "delivery confirmation is off: too many tests waiting for mail")
+        if self.registry_full:
+            notes = (
+                *notes,
+                "delivery confirmation was off for some probes: too many tests waiting",
+            )
         result = verdict(self.results, incomplete=incomplete, confirmation=confirmation)
         summary = Summary(
             target=self.target,
@@ -196,12 +204,16 @@ class _RelayTest:
             try:
                 await self._greet()
                 return
-            except SessionLost as exc:
+            except UnusableReply as exc:
+                # A hostile or broken EHLO reply (300 lines, say): HELO's is one line.
                 self._drop_session()
-                if self.use_helo or "unusable reply" not in str(exc):
+                if self.use_helo:
                     raise IncompleteTest(str(exc)) from None
                 self.use_helo = True
                 self._progress(f"{exc}; reconnecting to use HELO")
+            except SessionLost as exc:
+                self._drop_session()
+                raise IncompleteTest(str(exc)) from None
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _connect(self, session: SMTPSession) -> Reply:
@@ -345,6 +357,7 @@ class _RelayTest:
         try:
             self.registry.register(token, ttl=self.options.deadline + self.options.confirm_wait)
         except RegistryFull:
+            self.registry_full = True
             return None
         self.tokens[token] = name
         return token
@@ -414,7 +427,7 @@ class _RelayTest:
         except ReplyTimeout:
             raise SessionLost(f"no reply within {self.options.reply_timeout:g} s") from None
         except BadReply as exc:
-            raise SessionLost(f"unusable reply ({exc})") from None
+            raise UnusableReply(f"unusable reply ({exc})") from None
         self._show(reply)
         if reply.code >= 400:
             self.errors += 1
