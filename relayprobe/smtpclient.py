@@ -6,8 +6,10 @@ parse and re-quote addresses. aiosmtplib's failures become the built-in exceptio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+import socket
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -59,6 +61,18 @@ def _translate(exc: aiosmtplib.SMTPException) -> Exception:
     return BadReply(str(exc))
 
 
+async def _connected_socket(host: str, port: int, *, timeout: float) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class SMTPSession:
     """One SMTP connection to the tested server."""
 
@@ -78,27 +92,22 @@ class SMTPSession:
         Raises ConnectionRefusedError, TimeoutError (no connection), OSError, ServerDisconnected,
         ReplyTimeout or BadReply.
         """
-        # aiosmtplib applies one timeout to the TCP connect and to the greeting: take the larger
-        # and bound the greeting ourselves below.
+        # aiosmtplib bounds the TCP connect and the greeting with one timeout; we want the
+        # connect timeout for the one and the reply timeout for the other.
+        sock = await _connected_socket(host, port, timeout=connect_timeout)
         try:
-            response = await self._smtp.connect(
-                hostname=host, port=port, timeout=max(connect_timeout, self._reply_timeout)
-            )
+            response = await self._smtp.connect(sock=sock, timeout=self._reply_timeout)
         except aiosmtplib.SMTPConnectResponseError as exc:
             return _reply(aiosmtplib.SMTPResponse(exc.code, exc.message))
         except aiosmtplib.SMTPConnectTimeoutError as exc:
-            if "ready message" in str(exc):
-                raise ReplyTimeout("no greeting") from exc
-            raise TimeoutError("no connection") from exc
+            raise ReplyTimeout("no greeting") from exc
         except aiosmtplib.SMTPConnectError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, OSError):
-                raise cause from None
-            if isinstance(cause, aiosmtplib.SMTPServerDisconnected):
-                raise ServerDisconnected("closed before the greeting") from exc
-            raise ServerDisconnected(str(exc)) from exc
+            raise ServerDisconnected("closed before the greeting") from exc
         except aiosmtplib.SMTPException as exc:
             raise _translate(exc) from exc
+        finally:
+            if not self._smtp.is_connected:
+                sock.close()
         return _reply(response)
 
     async def command(self, line: bytes) -> Reply:

@@ -204,8 +204,13 @@ class SilentGreeting(FakeMailServer):
         return None
 
 
-async def test_no_greeting_is_incomplete(start_server: StartServer) -> None:
-    run = await run_test(await start_server(SilentGreeting()), reply_timeout=0.3)
+async def test_no_greeting_is_incomplete_after_the_reply_timeout(
+    start_server: StartServer,
+) -> None:
+    port = await start_server(SilentGreeting())
+    started = time.monotonic()
+    run = await run_test(port, reply_timeout=0.3, connect_timeout=5.0)
+    assert time.monotonic() - started < 1.5
     assert run.transcript[-1] == "Test incomplete: no greeting within 0.3 s"
     assert not any(line.startswith("Tested host banner") for line in run.transcript)
 
