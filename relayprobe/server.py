@@ -131,7 +131,12 @@ class TelnetSession(asyncio.Protocol):
             return b""
         self._cancel_timer()
         rest, self.proxy = self.proxy.remainder, None
-        caller = target_address(header.source[0]) if header.source else self.peer
+        if header.source is None:
+            # LOCAL / UNKNOWN: the proxy speaking for itself, as in HAProxy's health checks.
+            self.log.debug("proxy_local_connection")
+            self.end("proxy")
+            return b""
+        caller = target_address(header.source[0])
         self.log = self.log.bind(caller=caller)
         self._admit(caller)
         return rest
