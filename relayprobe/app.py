@@ -48,7 +48,8 @@ async def canary_sink(
     try:
         host, port = await sink.start(endpoint.host, endpoint.port)
     except OSError as exc:
-        raise StartupError(exc.errno, f"canary sink: {bind_advice(endpoint, exc)}") from None
+        advice = bind_advice(endpoint, exc, option="--sink-listen")
+        raise StartupError(exc.errno, f"canary sink: {advice}") from None
     try:
         yield Endpoint(host, port)
     finally:
@@ -107,7 +108,8 @@ class Application:
             try:
                 host, port = await http.start(endpoint.host, endpoint.port)
             except OSError as exc:
-                raise StartupError(exc.errno, f"HTTP: {bind_advice(endpoint, exc)}") from None
+                advice = bind_advice(endpoint, exc, option="--http-listen")
+                raise StartupError(exc.errno, f"HTTP endpoint: {advice}") from None
             self._stack.push_async_callback(http.stop)
             self.http_address = Endpoint(host, port)
 

@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import sqlite3
@@ -30,7 +31,6 @@ from relayprobe.store import DATABASE_NAME, HistoryStore, format_entry, format_t
 
 EXIT_BY_VERDICT = {"rejected": 0, "accepted": 1, "relayed": 1, "incomplete": 3}
 EXIT_USAGE = 2
-EXIT_STARTUP = 1
 
 
 class UsageError(ValueError):
@@ -123,9 +123,9 @@ async def _serve(settings: Settings) -> int:
 def _history(settings: Settings, args: dict[str, Any]) -> int:
     if args["limit"] < 1:
         raise UsageError("--limit must be at least 1")
-    if not Path(settings.state_dir, DATABASE_NAME).exists():
-        raise UsageError(f"no history in {settings.state_dir} (see --state-dir)")
     try:
+        if not Path(settings.state_dir, DATABASE_NAME).exists():
+            raise UsageError(f"no history in {settings.state_dir} (see --state-dir)")
         with HistoryStore(settings.state_dir) as store:
             if args["show"] is not None:
                 entry = store.get(args["show"])
@@ -134,18 +134,20 @@ def _history(settings: Settings, args: dict[str, Any]) -> int:
                 entries = [entry]
             else:
                 entries = store.recent(address=args["address"], limit=args["limit"])
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     except (sqlite3.Error, OSError) as exc:
         raise UsageError(f"cannot read the history in {settings.state_dir}: {exc}") from None
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args["json"]:
-        print(json.dumps([entry.result for entry in entries], indent=2))
+        lines = [json.dumps([entry.result for entry in entries], indent=2)]
     elif args["show"] is not None:
-        print("\n".join(format_entry(entries[0])))
-    elif entries:
-        print("\n".join(format_table(entries)))
+        lines = format_entry(entries[0])
     else:
-        print("no results")
+        lines = format_table(entries) if entries else ["no results"]
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -174,7 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except StartupError as exc:
         print(f"relayprobe {command}: {exc.strerror}", file=sys.stderr)
-        return EXIT_STARTUP
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (`| head`) has gone; say nothing more, not even at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     raise AssertionError(f"unhandled command {command}")

@@ -197,6 +197,7 @@ def _option(
 
 _SERVE = frozenset({"serve"})
 _STATE = frozenset({"serve", "history"})
+_NOT_FOR_DEMO = frozenset({"target_port", "sink_listen", "confirm", "confirm_wait"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -456,7 +457,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     )
     for key, f in _FIELDS.items():
         meta = f.metadata
-        demo_takes = command == "demo" and "check" in meta["commands"]
+        # The demo runs its own fake servers: it takes the test options, not where to test.
+        demo_takes = command == "demo" and "check" in meta["commands"] and key not in _NOT_FOR_DEMO
         if meta["file_only"] or (command not in meta["commands"] and not demo_takes):
             continue
         names = [option_flag(key)]

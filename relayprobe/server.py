@@ -81,8 +81,12 @@ class TelnetSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        if peername is None:  # the caller reset the connection before we saw it
+            transport.close()
+            return
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.peer = target_address(transport.get_extra_info("peername")[0])
+        self.peer = target_address(peername[0])
         self.log = log.bind(session=self.session_id, peer=self.peer)
         if not self.service.settings.proxy_protocol:
             self._admit(self.peer)
@@ -357,12 +361,13 @@ class ReflectorService:
         await self.close_listeners()
 
 
-def bind_advice(endpoint: Endpoint, exc: OSError) -> str:
+def bind_advice(endpoint: Endpoint, exc: OSError, *, option: str = "--listen") -> str:
+    """One line on why `endpoint` can't be bound and what to do about it."""
     if exc.errno == errno.EACCES:
         return (
             f"cannot listen on {endpoint}: permission denied; ports below 1024 need root or "
             "CAP_NET_BIND_SERVICE (e.g. AmbientCapabilities= in the systemd unit), "
-            "or listen on a higher port with --listen 0.0.0.0:2323"
+            f"or give {option} a port above 1023"
         )
     if exc.errno == errno.EADDRINUSE:
         return f"cannot listen on {endpoint}: the address is already in use"

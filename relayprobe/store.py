@@ -405,7 +405,7 @@ def _shown(result: Mapping[str, Any], key: str) -> str:
 
 
 def format_entry(entry: HistoryEntry) -> list[str]:
-    """`relayprobe history ID`: a few header lines, a blank line, then the stored transcript."""
+    """`relayprobe history --show ID`: header lines, a blank line, the stored transcript."""
     result = entry.result
     counts = ", ".join(f"{_shown(result, key)} {key}" for key in COUNT_FIELDS)
     transcript = result.get("transcript")

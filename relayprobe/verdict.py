@@ -58,6 +58,8 @@ def summary_lines(
         lines.append(f"Test incomplete: {len(errors)} probes got no reply ({_names(errors)})")
     else:
         lines.append("System appeared to reject relay attempts")
+    if confirmation is not None and accepted and not confirmation.sent:
+        lines.append("Note: the server refused every test message, so relaying was not proven")
     if confirmation is not None and confirmation.sent:
         sent = len(confirmation.sent)
         if confirmation.arrived:

@@ -245,13 +245,22 @@ def test_unknown_config_key_and_env_variable(tmp_path: object) -> None:
 def test_privileged_port_without_permission_says_how_to_fix_it() -> None:
     drop = ["setpriv", "--bounding-set", "-net_bind_service", "--"]
     result = subprocess.run(
-        [*drop, sys.executable, "-m", "relayprobe", "serve", "--listen", "127.0.0.1:23"],
+        [
+            *drop,
+            sys.executable,
+            "-m",
+            "relayprobe",
+            "serve",
+            "--listen",
+            "127.0.0.1:23",
+            "--no-history",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1
     assert "permission denied" in result.stderr
     assert "CAP_NET_BIND_SERVICE" in result.stderr
