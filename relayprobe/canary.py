@@ -205,7 +205,7 @@ class InMemoryRegistry:
         # Listen before looking back: no arrival can slip between the two.
         self._waiters.append(waiter)
         try:
-            for token in wanted:
+            for token in tokens:  # in the caller's order: earlier arrivals are reported so
                 if self._arrival_delay(token) is not None:
                     arrivals.put_nowait(token)
             with contextlib.suppress(TimeoutError):

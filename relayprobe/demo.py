@@ -1,8 +1,10 @@
 """`relayprobe demo`: the whole service on loopback, with nothing installed but relayprobe.
 
-Two fake mail servers (one closed, one an open relay) listen on 127.0.0.2 and 127.0.0.3; a
-telnet-style caller connects to the service from each of those addresses, and the service
-connects back to the caller's port, exactly as it would on the internet.
+Three fake mail servers listen on one port of three loopback addresses: a closed one, an open
+relay that really passes mail on, and a qmail-like one that says 250 to `%` and `!` recipients
+but never delivers. A telnet-style caller connects to the service from each address; the
+service connects back to the caller's port, as it would on the internet, and confirms relaying
+by delivery to its own canary sink, which the open relay's "queue" delivers to.
 """
 
 from __future__ import annotations
@@ -10,34 +12,44 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
+from relayprobe.app import canary_sink, new_registry
 from relayprobe.config import Endpoint, Settings
-from relayprobe.fakemx import FakeMailServer, relays_everything, relays_nothing
+from relayprobe.fakemx import FakeMailServer, relays_everything, relays_like_qmail, relays_nothing
 from relayprobe.server import ReflectorService
 
-CALLERS = (
-    ("127.0.0.2", "a closed mail server", relays_nothing),
-    ("127.0.0.3", "an open relay", relays_everything),
+CALLERS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("127.0.0.2", "a closed mail server", {"relay": relays_nothing}),
+    ("127.0.0.3", "an open relay", {"relay": relays_everything}),
+    ("127.0.0.4", "a qmail-like server: 250 at RCPT, never delivers", {"relay": relays_like_qmail}),
 )
 # Bounds the demo's own caller: the service ends each test far sooner.
-CALLER_TIMEOUT = 30.0
+CALLER_TIMEOUT = 60.0
+CONFIRM_WAIT = 3.0
 
 
-async def _start_mail_servers() -> tuple[int, list[FakeMailServer]]:
-    """Both fake servers on one port (the service tests one port), each on its own address."""
+async def _start_mail_servers(sink: Endpoint) -> tuple[int, list[FakeMailServer]]:
+    """The fake servers on one port (the service tests one port), each on its own address."""
     for _ in range(20):
         servers = [
-            FakeMailServer(hostname=f"mx{n}.demo.test", relay=relay)
-            for n, (_, _, relay) in enumerate(CALLERS, 2)
+            FakeMailServer(
+                hostname=f"mx{n}.demo.test",
+                forward_to=(sink.host, sink.port) if what == "an open relay" else None,
+                **options,
+            )
+            for n, (_, what, options) in enumerate(CALLERS, 2)
         ]
-        port = await servers[0].start(CALLERS[0][0], 0)
+        port = 0
         try:
-            await servers[1].start(CALLERS[1][0], port)
+            for server, (address, _, _) in zip(servers, CALLERS, strict=True):
+                port = await server.start(address, port)
         except OSError:
-            await servers[0].stop()
+            for server in servers:
+                await server.stop()
             continue
         return port, servers
-    raise OSError("no free port for the demo mail servers on 127.0.0.2 and 127.0.0.3")
+    raise OSError("no port free on all of 127.0.0.2-4 for the demo mail servers")
 
 
 async def telnet_call(service: Endpoint, *, source: str) -> list[str]:
@@ -53,20 +65,32 @@ async def telnet_call(service: Endpoint, *, source: str) -> list[str]:
 
 
 async def run_demo(settings: Settings, *, show: Callable[[str], None] = print) -> None:
-    port, mail_servers = await _start_mail_servers()
-    service = ReflectorService(
-        dataclasses.replace(settings, listen=(Endpoint("127.0.0.1", 0),), target_port=port)
+    settings = dataclasses.replace(
+        settings,
+        listen=(Endpoint("127.0.0.1", 0),),
+        sink_listen=Endpoint("127.0.0.1", 0),
+        confirm=True,
+        confirm_wait=CONFIRM_WAIT,
+        rate_limit=False,
+        history=False,
     )
-    try:
-        (endpoint,) = await service.start()
-        for source, what, _ in CALLERS:
-            command = f"telnet -b {source} {endpoint.host} {endpoint.port}"
-            show(f"$ {command}    # {what} listens on {source}:{port}")
-            for line in await telnet_call(endpoint, source=source):
-                show(line)
-            show("Connection closed by foreign host.")
-            show("")
-    finally:
-        await service.shutdown()
-        for server in mail_servers:
-            await server.stop()
+    registry = new_registry(settings)
+    async with canary_sink(settings, registry) as sink:
+        assert sink is not None
+        port, mail_servers = await _start_mail_servers(sink)
+        service = ReflectorService(
+            dataclasses.replace(settings, target_port=port), registry=registry
+        )
+        try:
+            (endpoint,) = await service.start()
+            for source, what, _ in CALLERS:
+                command = f"telnet -b {source} {endpoint.host} {endpoint.port}"
+                show(f"$ {command}    # {what} listens on {source}:{port}")
+                for line in await telnet_call(endpoint, source=source):
+                    show(line)
+                show("Connection closed by foreign host.")
+                show("")
+        finally:
+            await service.shutdown()
+            for server in mail_servers:
+                await server.stop()

@@ -1,18 +1,24 @@
 """A small in-process mail server for the demo, the benchmarks and the tests.
 
 It speaks just enough SMTP to be tested: a relay policy decides each RCPT, messages after DATA are
-read (bounded) and dropped. Subclasses change single replies to play tarpits and hostile servers.
+read (bounded) and dropped, or, for a fake that really relays, passed on to the next hop (the
+canary sink) as a real open relay's queue would. Subclasses change single replies to play tarpits
+and hostile servers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_LINE = 4096
 MAX_MESSAGE = 1 << 20
 SILENCE = b""
+FORWARD_TIMEOUT = 5.0
+# The canary local part of a recipient, however the probe dressed it (%, !, quotes, routes).
+_CANARY_LOCAL_PART = re.compile(rb"nobody-[a-z2-7]{10}")
 
 
 def relays_nothing(rcpt: bytes) -> bool:
@@ -34,6 +40,7 @@ class SessionState:
     number: int
     commands: list[bytes] = field(default_factory=list)
     rcpt_count: int = 0
+    recipients: list[bytes] = field(default_factory=list)
 
 
 class FakeMailServer:
@@ -45,10 +52,15 @@ class FakeMailServer:
         hostname: str = "mx.fake.test",
         relay: Callable[[bytes], bool] = relays_nothing,
         reply_delay: float = 0.0,
+        forward_to: tuple[str, int] | None = None,
+        forward_domain: str = "relaytest.invalid",
     ) -> None:
         self.hostname = hostname
         self.relay = relay
         self.reply_delay = reply_delay
+        self.forward_to = forward_to
+        self.forward_domain = forward_domain.encode()
+        self._forwarding: set[asyncio.Task[None]] = set()
         self.commands: list[bytes] = []
         self.sessions = 0
         self.messages: list[bytes] = []
@@ -70,6 +82,8 @@ class FakeMailServer:
         # Closed sessions end by themselves; cancelling them would make asyncio log an error.
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=2 + self.reply_delay)
+        if self._forwarding:
+            await asyncio.wait(self._forwarding, timeout=FORWARD_TIMEOUT)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -87,10 +101,12 @@ class FakeMailServer:
         if verb == b"HELO":
             return f"250 {self.hostname}".encode()
         if verb == b"MAIL":
+            session.recipients.clear()
             return b"250 2.1.0 Ok"
         if verb == b"RCPT":
             session.rcpt_count += 1
             if self.relay(argument):
+                session.recipients.append(argument)
                 return b"250 2.1.5 Ok"
             return b"554 5.7.1 Relay access denied"
         if verb == b"DATA":
@@ -145,8 +161,10 @@ class FakeMailServer:
                 self.quits += 1
                 return
             if command.upper() == b"DATA" and reply.startswith(b"354"):
-                self.messages.append(await self._message(reader))
+                message = await self._message(reader)
+                self.messages.append(message)
                 await self._send(writer, b"250 2.0.0 Ok: queued")
+                self.queue_for_delivery(session.recipients, message)
 
     async def _message(self, reader: asyncio.StreamReader) -> bytes:
         lines: list[bytes] = []
@@ -156,3 +174,38 @@ class FakeMailServer:
             if size <= MAX_MESSAGE:
                 lines.append(line)
         return b"".join(lines)
+
+    def queue_for_delivery(self, recipients: list[bytes], message: bytes) -> None:
+        """Pass a message on to the next hop, if there is one (a hook for tests, too)."""
+        if self.forward_to is None:
+            return
+        for recipient in recipients:
+            if match := _CANARY_LOCAL_PART.search(recipient):
+                address = match.group() + b"@" + self.forward_domain
+                task = asyncio.create_task(self._forward(address, message))
+                self._forwarding.add(task)
+                task.add_done_callback(self._forwarding.discard)
+
+    async def _forward(self, recipient: bytes, message: bytes) -> None:
+        """Deliver one message to the next hop, as an open relay's queue would."""
+        assert self.forward_to is not None
+        host, port = self.forward_to
+        try:
+            async with asyncio.timeout(FORWARD_TIMEOUT):
+                reader, writer = await asyncio.open_connection(host, port)
+                try:
+                    for line in (
+                        f"HELO {self.hostname}".encode(),
+                        b"MAIL FROM:<>",
+                        b"RCPT TO:<" + recipient + b">",
+                        b"DATA",
+                        message + b".",
+                        b"QUIT",
+                    ):
+                        await reader.readuntil(b"\r\n")
+                        writer.write(line + b"\r\n")
+                    await reader.read(MAX_LINE)
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
