@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -105,8 +106,16 @@ async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
     return EXIT_BY_VERDICT[summary.verdict]
 
 
+def _raise_open_file_limit() -> None:
+    """Each session holds two sockets: allow as many open files as the system lets us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def _serve(settings: Settings) -> int:
     log = structlog.get_logger("relayprobe")
+    _raise_open_file_limit()
     app = Application(settings)
     await app.start()
     stop = asyncio.Event()

@@ -68,6 +68,7 @@ class TelnetSession(asyncio.Protocol):
         self.session_id = session_id
         self.telnet = TelnetInput()
         self.transcript = Transcript()
+        self.pending: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.proxy: ProxyHeaderParser | None = None
@@ -164,10 +165,20 @@ class TelnetSession(asyncio.Protocol):
     # Output
 
     def write_line(self, line: str) -> None:
+        """Queue a line for the caller; the lines of one loop turn go out in one write."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(encode_line(line))
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append(encode_line(line))
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        transport = self.transport
+        if not pending or transport is None or transport.is_closing():
+            return
+        transport.write(b"".join(pending))
         if transport.get_write_buffer_size() > MAX_OUTPUT_BYTES:
             self.end(SLOW_CLIENT)
 
@@ -179,6 +190,8 @@ class TelnetSession(asyncio.Protocol):
 
     def end(self, reason: str) -> None:
         """Stop the test (its SMTP session gets QUIT) and hang up; the first reason counts."""
+        if reason != SLOW_CLIENT:
+            self.flush()
         if self.task is not None and not self.task.done() and not self.task.cancelling():
             self.end_reason = reason
             self.task.cancel()
