@@ -7,6 +7,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,13 @@ import pytest
 
 from relayprobe.config import Endpoint, Settings
 from relayprobe.fakemx import FakeMailServer, SessionState, relays_nothing
-from relayprobe.server import BUSY, MAX_OUTPUT_BYTES, ReflectorService, target_address
+from relayprobe.server import (
+    BUSY,
+    MAX_OUTPUT_BYTES,
+    ReflectorService,
+    TelnetSession,
+    target_address,
+)
 from relayprobe.telnet import IAC, IP
 
 from .conftest import StartServer
@@ -149,9 +156,7 @@ async def test_slow_reader_is_ended_and_others_keep_streaming(
     svc, endpoint = await service(port)
     _, stuck_writer = await asyncio.open_connection(endpoint.host, endpoint.port, limit=1024)
     # Keep our receive window tiny so the service's output piles up on its side.
-    stuck_writer.get_extra_info("socket").setsockopt(
-        __import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096
-    )
+    stuck_writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     largest = 0
     for _ in range(200):
         await asyncio.sleep(0.01)
@@ -311,3 +316,28 @@ async def test_sigterm_tells_callers_and_quits_their_smtp_sessions(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_ipv4_mapped_caller_is_tested_at_its_ipv4_address(service: Service) -> None:
+    mail = FakeMailServer(relay=relays_nothing)
+    port = await mail.start("127.0.0.6")
+    svc, _ = await service(port)
+    # A dual-stack IPv6 socket sees an IPv4 caller as ::ffff:127.0.0.6.
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(("::ffff:127.0.0.1", 0))
+    except OSError:
+        sock.close()
+        await mail.stop()
+        pytest.skip("no dual-stack sockets here")
+    listener = await asyncio.get_running_loop().create_server(
+        lambda: TelnetSession(svc, 99), sock=sock
+    )
+    try:
+        lines = await call(Endpoint("127.0.0.1", sock.getsockname()[1]), source="127.0.0.6")
+    finally:
+        listener.close()
+        await mail.stop()
+    assert lines[0] == "Connecting to 127.0.0.6 ..."
+    assert "System appeared to reject relay attempts" in lines
