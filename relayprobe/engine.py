@@ -104,6 +104,7 @@ class _RelayTest:
         self.banner: str | None = None
         self.banner_name: str | None = None
         self.results: list[ProbeFinished] = []
+        self.context: ProbeContext | None = None
 
     async def run(self, ptr_lookup: PtrLookup) -> Summary:
         started_at = time.time()
@@ -115,9 +116,9 @@ class _RelayTest:
             async with asyncio.timeout(self.options.deadline) as deadline:
                 try:
                     await self._open_session()
-                    context = await self._context(ptr)
+                    self.context = await self._context(ptr)
                     for probe in self.options.suite:
-                        await self._run_probe(probe, context)
+                        await self._run_probe(probe, self.context)
                     await self._quit()
                 except IncompleteTest as exc:
                     incomplete = str(exc)
@@ -397,15 +398,16 @@ class _RelayTest:
         self.emit(finished)
 
     def _give_up_on_untried_probes(self, incomplete: str | None) -> None:
-        done = {result.name for result in self.results}
-        if incomplete is None or not self.results:
+        """When a test stops half-way, the probes it never got to count as errors."""
+        if incomplete is None or self.context is None:
             return
+        done = {result.name for result in self.results}
+        values = self.context.values(rcpt="nobody")
         for probe in self.options.suite:
             if probe.name not in done:
+                mail_from, rcpt_to = render(probe.mail_from, values), render(probe.rcpt_to, values)
                 self.results.append(
-                    ProbeFinished(
-                        probe.name, probe.mail_from, probe.rcpt_to, Outcome.ERROR, "not tried"
-                    )
+                    ProbeFinished(probe.name, mail_from, rcpt_to, Outcome.ERROR, "not tried")
                 )
 
     # Commands

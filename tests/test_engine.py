@@ -358,6 +358,9 @@ async def test_whole_test_deadline(start_server: StartServer) -> None:
     assert run.summary.verdict == "incomplete"
     assert "Test incomplete: test deadline of 0.5 s reached" in run.transcript
     assert len(run.summary.probes) == 20
+    untried = [probe for probe in run.summary.probes if probe.reply == "not tried"]
+    assert untried and all(probe.outcome is Outcome.ERROR for probe in untried)
+    assert all("{" not in probe.mail_from + probe.rcpt_to for probe in untried)
 
 
 async def test_cancelled_test_says_quit_and_closes_at_once(start_server: StartServer) -> None:
