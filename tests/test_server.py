@@ -27,6 +27,7 @@ from relayprobe.server import (
 from relayprobe.telnet import IAC, IP
 
 from .conftest import StartServer
+from .infra.haproxy import free_port
 
 Service = Callable[..., Awaitable[tuple[ReflectorService, Endpoint]]]
 
@@ -276,10 +277,7 @@ async def test_sigterm_tells_callers_and_quits_their_smtp_sessions(
 ) -> None:
     mail = FakeMailServer(reply_delay=0.1)
     port = await start_server(mail)
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    listen_port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
+    listen_port = free_port("127.0.0.1")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
