@@ -31,7 +31,7 @@ from relayprobe.engine import run_relay_test
 from relayprobe.events import Event, Summary
 from relayprobe.metrics import Metrics
 from relayprobe.proxyproto import ProxyHeaderError, ProxyHeaderParser
-from relayprobe.render import Transcript, json_result
+from relayprobe.render import MAX_KEPT_CHARS, Transcript, json_result
 from relayprobe.telnet import TelnetInput, encode_line
 
 log = structlog.get_logger("relayprobe.server")
@@ -67,7 +67,8 @@ class TelnetSession(asyncio.Protocol):
         self.service = service
         self.session_id = session_id
         self.telnet = TelnetInput()
-        self.transcript = Transcript()
+        # The transcript is kept only for the history; without one, keeping it costs for nothing.
+        self.transcript = Transcript(max_chars=MAX_KEPT_CHARS if service.on_result else 0)
         self.pending: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.peer = ""
