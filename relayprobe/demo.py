@@ -58,7 +58,8 @@ async def telnet_call(service: Endpoint, *, source: str) -> list[str]:
         service.host, service.port, local_addr=(source, 0)
     )
     try:
-        data = await asyncio.wait_for(reader.read(), CALLER_TIMEOUT)
+        async with asyncio.timeout(CALLER_TIMEOUT):
+            data = await reader.read()
     finally:
         writer.close()
     return data.decode("utf-8", "replace").splitlines()

@@ -172,7 +172,8 @@ class _RelayTest:
 
     async def _context(self, ptr: asyncio.Task[str | None]) -> ProbeContext:
         try:
-            name = await asyncio.wait_for(asyncio.shield(ptr), self.options.rdns_timeout)
+            async with asyncio.timeout(self.options.rdns_timeout):
+                name = await asyncio.shield(ptr)
         except TimeoutError:
             name = None
         literal = address_literal(self.target)
@@ -262,7 +263,8 @@ class _RelayTest:
         if self.session is None:
             return
         with contextlib.suppress(SessionLost, TimeoutError):
-            await asyncio.wait_for(self._command("QUIT"), QUIT_TIMEOUT)
+            async with asyncio.timeout(QUIT_TIMEOUT):
+                await self._command("QUIT")
         self._drop_session()
 
     def _drop_session(self) -> None:

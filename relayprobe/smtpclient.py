@@ -61,12 +61,26 @@ def _translate(exc: aiosmtplib.SMTPException) -> Exception:
     return BadReply(str(exc))
 
 
+def _cancel_not_swallowed() -> None:
+    """Raise the cancellation that aiosmtplib's `asyncio.wait_for` may have swallowed.
+
+    On Python 3.11, a cancel that arrives in the loop turn in which the awaited reply completes
+    is dropped by `wait_for`, which returns the reply instead. The task still counts the request
+    (`cancelling()`), so after every aiosmtplib await we honour it ourselves; otherwise a caller
+    who hung up would have their test run to the end for nobody.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def _connected_socket(host: str, port: int, *, timeout: float) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
     except BaseException:
         sock.close()
         raise
@@ -108,6 +122,7 @@ class SMTPSession:
         finally:
             if not self._smtp.is_connected:
                 sock.close()
+        _cancel_not_swallowed()
         return _reply(response)
 
     async def command(self, line: bytes) -> Reply:
@@ -117,6 +132,7 @@ class SMTPSession:
         except aiosmtplib.SMTPException as exc:
             self.close()
             raise _translate(exc) from exc
+        _cancel_not_swallowed()
         return _reply(response)
 
     async def message(self, content: bytes) -> Reply:
@@ -133,6 +149,7 @@ class SMTPSession:
         except aiosmtplib.SMTPException as exc:
             self.close()
             raise _translate(exc) from exc
+        _cancel_not_swallowed()
         return _reply(response)
 
     def send_quit_and_close(self) -> None:

@@ -390,3 +390,44 @@ async def test_ipv6_target(start_server: StartServer) -> None:
         await server.stop()
     assert b"MAIL FROM:<spamtest@[IPv6:::1]>" in server.commands
     assert run.summary.verdict == "rejected"
+
+
+class _CancelsWithTheReply(FakeMailServer):
+    """Cancels the test in the same loop turn as its reply to one command reaches the client.
+
+    The cancel is queued before the reply is written, so it runs just before the client reads
+    the reply: aiosmtplib's `wait_for` then sees its reply done and swallows the cancel (Python
+    3.11), as happens under load when a caller hangs up.
+    """
+
+    def __init__(self, *, trigger: bytes) -> None:
+        super().__init__()
+        self.trigger = trigger
+        self.test: asyncio.Task[Run] | None = None
+        self.cancelled_after = -1
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        if line == self.trigger and self.test is not None and self.cancelled_after < 0:
+            asyncio.get_running_loop().call_soon(self.test.cancel)
+            self.cancelled_after = len(self.commands)
+        return super().reply(line, session)
+
+
+@pytest.mark.parametrize(
+    "trigger", [b"EHLO relayprobe.invalid", b"MAIL FROM:<spamtest@example.net>", b"RSET"]
+)
+async def test_cancel_arriving_with_a_reply_still_stops_the_test(
+    start_server: StartServer, trigger: bytes
+) -> None:
+    """Fails before the fix: the cancel was lost and the test ran all 20 probes for nobody."""
+    server = _CancelsWithTheReply(trigger=trigger)
+    port = await start_server(server)
+    server.test = asyncio.create_task(run_test(port))
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(server.test, 5)
+    await asyncio.wait_for(server.closed.wait(), 1.0)
+    after = server.commands[server.cancelled_after :]
+    # At most the interrupted probe's next command, then QUIT; no new probe.
+    assert after[-1] == b"QUIT"
+    assert len(after) <= 2
+    assert not any(command.startswith(b"MAIL") for command in after)
