@@ -62,6 +62,29 @@ class AccessPolicy:
         return not self._allow or any(address in network for network in self._allow)
 
 
+class TokenBucket:
+    """Up to `capacity` at once, refilled at `rate` per second. Pure: callers pass the time."""
+
+    __slots__ = ("_capacity", "_level", "_rate", "_refilled_at")
+
+    def __init__(self, *, rate: float, capacity: float, now: float) -> None:
+        if rate <= 0 or capacity <= 0:
+            raise ValueError(f"rate and capacity must be > 0, not {rate} and {capacity}")
+        self._rate = rate
+        self._capacity = capacity
+        self._level = capacity
+        self._refilled_at = now
+
+    def wait(self, now: float, amount: float = 1.0) -> float:
+        """Seconds until `amount` can be taken; 0 when it can be now."""
+        self._level = min(self._capacity, self._level + (now - self._refilled_at) * self._rate)
+        self._refilled_at = now
+        return 0.0 if self._level >= amount else (amount - self._level) / self._rate
+
+    def take(self, amount: float = 1.0) -> None:
+        self._level -= amount
+
+
 @dataclass(frozen=True, slots=True)
 class RateDecision:
     """Whether a test may start now; if not, which limit said no and for how long."""
@@ -120,12 +143,9 @@ class RateLimiter:
             "prefix": (per_prefix, prefix_window),
         }
         self._prefix_lengths = {4: ipv4_prefix, 6: ipv6_prefix}
-        self._rate = global_per_second
-        self._burst = float(global_burst)
         self._max_entries = max_entries
         self._clock = clock
-        self._tokens = self._burst
-        self._refilled_at = clock()
+        self._global = TokenBucket(rate=global_per_second, capacity=global_burst, now=clock())
         # Ordered by last recorded start, so the front is always the least recently used.
         self._logs: OrderedDict[_Key, deque[float]] = OrderedDict()
 
@@ -141,14 +161,14 @@ class RateLimiter:
         address = unmap_ipv4(address)
         keys = (self._key("address", address), self._key("prefix", address))
         waits: list[tuple[float, Reason]] = [(self._window_wait(key, now), key[0]) for key in keys]
-        waits.append((self._bucket_wait(now), "global"))
+        waits.append((self._global.wait(now), "global"))
         # The longest wait is the earliest moment every limit could allow the test.
         wait, reason = max(waits, key=lambda item: item[0])
         if wait > 0:
             return RateDecision(allowed=False, reason=reason, retry_after=wait)
         for key in keys:
             self._record(key, now)
-        self._tokens -= 1
+        self._global.take()
         while len(self._logs) > self._max_entries:
             self._logs.popitem(last=False)
         return RateDecision(allowed=True)
@@ -173,12 +193,6 @@ class RateLimiter:
             return 0.0
         # Written so that it is > 0 whenever the age test above found the entry live.
         return window - (now - log[0])
-
-    def _bucket_wait(self, now: float) -> float:
-        elapsed = now - self._refilled_at
-        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
-        self._refilled_at = now
-        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self._rate
 
     def _record(self, key: _Key, now: float) -> None:
         log = self._logs.get(key)

@@ -7,6 +7,7 @@ endpoint last) and stops them in reverse.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -43,6 +44,7 @@ async def canary_sink(
         registry=registry,
         domain=settings.test_domain,
         hostname=settings.helo_name,
+        limits=settings.sink_limits(),
         on_delivery=on_delivery,
     )
     try:
@@ -95,7 +97,19 @@ class Application:
 
     async def _start(self) -> None:
         if self.history is not None:
-            await self.history.start()
+            try:
+                await self.history.start()
+            except (sqlite3.Error, OSError) as exc:
+                number, reason = (
+                    (exc.errno, exc.strerror or str(exc))
+                    if isinstance(exc, OSError)
+                    else (None, str(exc))
+                )
+                raise StartupError(
+                    number,
+                    f"history: cannot write in {self.settings.state_dir}: {reason}; give "
+                    "--state-dir a directory the service may write, or --no-history",
+                ) from None
             self._stack.push_async_callback(self.history.stop)
         self.sink_address = await self._stack.enter_async_context(
             canary_sink(self.settings, self.registry, on_delivery=self.metrics.sink_delivery)

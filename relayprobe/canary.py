@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hashlib
+import hmac
 import re
 import secrets
 import string
@@ -34,6 +36,8 @@ _LOCAL_PART = re.compile(
 MAX_ADDRESS_CHARS = 256
 # A header or body value from the network or the probe table is cut to this many characters.
 MAX_VALUE_CHARS = 200
+# 128 bits of an HMAC-SHA256: a message's secret can be neither guessed nor forged.
+SECRET_HEX_CHARS = 32
 
 
 def new_token() -> str:
@@ -81,6 +85,7 @@ def _header_safe(text: str) -> str:
 def test_message(
     *,
     token: str,
+    secret: str,
     probe_name: str,
     sender: str,
     recipient: str,
@@ -90,8 +95,9 @@ def test_message(
 ) -> bytes:
     """The test message of one accepted probe, with CRLF line ends and without dot-stuffing.
 
-    `sender` and `recipient` are the envelope addresses as the probe sent them; `now` must be
-    timezone-aware.
+    `secret` is the token's `message_secret`: only a message that went through the tested server
+    carries it, so the caller, who sees the token, cannot deliver one itself. `sender` and
+    `recipient` are the envelope addresses as the probe sent them; `now` must be timezone-aware.
     """
     probe, host, by = (_header_safe(value) for value in (probe_name, tested_host, operator))
     mail_from, rcpt_to = _header_safe(sender), _header_safe(recipient)
@@ -115,6 +121,7 @@ def test_message(
         f"Envelope sender: {mail_from}",
         f"Envelope recipient: {rcpt_to}",
         f"Token: {token}",
+        f"Check: {secret}",
         "",
         "If this message reached you, the server accepted it for a third party.",
         "Nobody reads it; it can be deleted.",
@@ -122,7 +129,8 @@ def test_message(
     return "".join(f"{line}\r\n" for line in lines).encode("ascii")
 
 
-ArrivalCallback = Callable[[str, float], None]
+ArrivalCallback = Callable[[str, float, str], None]
+"""`on_arrival(token, seconds since register, address that delivered the message)`."""
 
 
 class CanaryRegistry(Protocol):
@@ -132,15 +140,21 @@ class CanaryRegistry(Protocol):
 
     def is_pending(self, token: str) -> bool: ...
 
-    def mark_arrived(self, token: str) -> bool:
-        """Record an arrival; True only the first time, for a pending token."""
+    def message_secret(self, token: str) -> str:
+        """What the test message for `token` carries in its body to prove it went through the
+        tested server: never shown to the caller, the same in every replica."""
+        ...
+
+    def mark_arrived(self, token: str, *, source: str) -> bool:
+        """Record an arrival delivered from address `source`; True only the first time, for a
+        pending token."""
         ...
 
     async def wait(
         self, tokens: Collection[str], *, timeout: float, on_arrival: ArrivalCallback
     ) -> set[str]:
         """The tokens that arrived, including before the call; returns once all have or at
-        `timeout`. `on_arrival(token, seconds since register)` is called for each as it comes."""
+        `timeout`. `on_arrival` is called for each as it comes."""
         ...
 
     def forget(self, tokens: Collection[str]) -> None: ...
@@ -155,6 +169,7 @@ class _Entry:
     registered_at: float
     expires_at: float
     arrived_at: float | None = None
+    arrived_from: str = ""
 
 
 class InMemoryRegistry:
@@ -168,6 +183,8 @@ class InMemoryRegistry:
         self._clock = clock
         self._max_entries = max_entries
         self._entries: dict[str, _Entry] = {}
+        # Per registry, not per token: the secrets need no storage, and die with the tokens.
+        self._secret_key = secrets.token_bytes(32)
         self._waiters: list[tuple[frozenset[str], asyncio.Queue[str]]] = []
 
     def __len__(self) -> int:
@@ -185,11 +202,16 @@ class InMemoryRegistry:
         entry = self._live_entry(token)
         return entry is not None and entry.arrived_at is None
 
-    def mark_arrived(self, token: str) -> bool:
+    def message_secret(self, token: str) -> str:
+        digest = hmac.new(self._secret_key, token.encode(), hashlib.sha256).hexdigest()
+        return digest[:SECRET_HEX_CHARS]
+
+    def mark_arrived(self, token: str, *, source: str) -> bool:
         entry = self._live_entry(token)
         if entry is None or entry.arrived_at is not None:
             return False
         entry.arrived_at = self._clock()
+        entry.arrived_from = source
         for tokens, arrivals in self._waiters:
             if token in tokens:
                 arrivals.put_nowait(token)
@@ -206,17 +228,17 @@ class InMemoryRegistry:
         self._waiters.append(waiter)
         try:
             for token in tokens:  # in the caller's order: earlier arrivals are reported so
-                if self._arrival_delay(token) is not None:
+                if self._arrival(token) is not None:
                     arrivals.put_nowait(token)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     while arrived != wanted:
                         token = await arrivals.get()
-                        delay = self._arrival_delay(token)
-                        if token in arrived or delay is None:
+                        arrival = self._arrival(token)
+                        if token in arrived or arrival is None:
                             continue
                         arrived.add(token)
-                        on_arrival(token, delay)
+                        on_arrival(token, *arrival)
         finally:
             self._waiters.remove(waiter)
         return arrived
@@ -225,11 +247,12 @@ class InMemoryRegistry:
         for token in tokens:
             self._entries.pop(token, None)
 
-    def _arrival_delay(self, token: str) -> float | None:
+    def _arrival(self, token: str) -> tuple[float, str] | None:
+        """Seconds from register to arrival, and the address that delivered it."""
         entry = self._entries.get(token)
         if entry is None or entry.arrived_at is None:
             return None
-        return entry.arrived_at - entry.registered_at
+        return entry.arrived_at - entry.registered_at, entry.arrived_from
 
     def _live_entry(self, token: str) -> _Entry | None:
         entry = self._entries.get(token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from relayprobe.access import parse_network
 from relayprobe.engine import RelayTestOptions
 from relayprobe.hostname import is_hostname
 from relayprobe.probes import SUITES, Probe, build_suite
+from relayprobe.sinklimits import SinkLimits
 
 ENV_PREFIX = "RELAYPROBE_"
 
@@ -63,25 +65,57 @@ def _number(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a TOML integer beyond a float's range: out of every range
+            return math.inf if value > 0 else -math.inf
     try:
         return float(_text(value))
     except ValueError:
         raise ValueError(f"expected a number, got {value!r}") from None
 
 
-def parse_seconds(value: object) -> float:
-    seconds = _number(value)
-    if not 0 < seconds < 86400:
-        raise ValueError(f"expected a number of seconds above 0, got {value!r}")
-    return seconds
-
-
-def parse_count(value: object) -> int:
+def _number_in(value: object, low: float, high: float, expected: str) -> float:
+    """The number `value` from `low` to `high`; NaN and the infinities (TOML's 1e400) are not."""
     number = _number(value)
-    if number != int(number) or number < 1:
-        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
-    return int(number)
+    if not low <= number <= high:
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return number
+
+
+# The smallest and largest values that mean something. Outside them a number is a slip, or a
+# subnormal such as 1e-320, whose reciprocal (a rate's "try again in") overflows.
+MIN_SECONDS, MAX_SECONDS = 0.001, 86400.0
+# One test a day keeps a refusal's wait within a day; a million a second is no limit at all.
+MIN_RATE, MAX_RATE = 1 / 86400, 1_000_000.0
+# History is pruned hourly: a shorter retention would keep results just as long.
+MIN_DAYS, MAX_DAYS = 1 / 24, 100_000.0
+# A million sessions would need two million sockets, past Linux's default open-file ceiling.
+MAX_COUNT = 1_000_000
+
+
+def parse_seconds(value: object) -> float:
+    return _number_in(
+        value,
+        MIN_SECONDS,
+        MAX_SECONDS,
+        f"a number of seconds above 0 (from {MIN_SECONDS:g} to {MAX_SECONDS:.0f})",
+    )
+
+
+def whole_number(low: int, high: int, expected: str) -> Callable[[object], int]:
+    """A parser of whole numbers from `low` to `high`; `expected` describes them for errors."""
+
+    def parse(value: object) -> int:
+        number = _number_in(value, low, high, expected)
+        if not number.is_integer():
+            raise ValueError(f"expected {expected}, got {value!r}")
+        return int(number)
+
+    return parse
+
+
+parse_count = whole_number(1, MAX_COUNT, f"a whole number of at least 1 and at most {MAX_COUNT}")
 
 
 def parse_bool(value: object) -> bool:
@@ -130,33 +164,33 @@ def parse_network_text(value: object) -> str:
 
 
 def parse_prefix_length(maximum: int) -> Callable[[object], int]:
-    def parse(value: object) -> int:
-        length = parse_count(value)
-        if length > maximum:
-            raise ValueError(f"expected a prefix length from 1 to {maximum}, got {value!r}")
-        return length
-
-    return parse
+    return whole_number(1, maximum, f"a prefix length from 1 to {maximum}")
 
 
 def parse_rate(value: object) -> float:
-    rate = _number(value)
-    if not 0 < rate <= 1_000_000:
-        raise ValueError(f"expected a rate above 0, got {value!r}")
-    return rate
+    return _number_in(
+        value,
+        MIN_RATE,
+        MAX_RATE,
+        f"a rate per second from {MIN_RATE:.3g} (one a day) to {MAX_RATE:.0f}",
+    )
 
 
 def parse_days(value: object) -> float:
-    days = _number(value)
-    if not 0 < days <= 100_000:
-        raise ValueError(f"expected a number of days above 0, got {value!r}")
-    return days
+    return _number_in(
+        value,
+        MIN_DAYS,
+        MAX_DAYS,
+        f"a number of days from {MIN_DAYS:.3g} (an hour) to {MAX_DAYS:.0f}",
+    )
 
 
 def parse_path(value: object) -> str:
     text = _text(value)
     if not text:
         raise ValueError("expected a directory path")
+    if "\0" in text:
+        raise ValueError(f"a path cannot hold a NUL character: {text!r}")
     return text
 
 
@@ -252,6 +286,99 @@ class Settings:
         default=None,
         metadata=_option(
             parse_endpoint, "run the canary sink for the test domain here", metavar="ADDR:PORT"
+        ),
+    )
+    sink_max_connections: int = field(
+        default=100,
+        metadata=_option(
+            parse_count, "canary sink connections at once", commands=_SERVE, metavar="N"
+        ),
+    )
+    sink_reserved_connections: int = field(
+        default=20,
+        metadata=_option(
+            parse_count,
+            "of those, kept for networks holding no sink connection yet",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    sink_max_connections_per_address: int = field(
+        default=10,
+        metadata=_option(
+            parse_count, "sink connections at once from one address", commands=_SERVE, metavar="N"
+        ),
+    )
+    sink_max_connections_per_prefix: int = field(
+        default=20,
+        metadata=_option(
+            parse_count, "sink connections at once from one prefix", commands=_SERVE, metavar="N"
+        ),
+    )
+    sink_ipv4_prefix: int = field(
+        default=24,
+        metadata=_option(
+            parse_prefix_length(32),
+            "IPv4 prefix length the sink counts together",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    sink_ipv6_prefix: int = field(
+        default=48,
+        metadata=_option(
+            parse_prefix_length(128),
+            "IPv6 prefix length the sink counts together",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    sink_idle_timeout: float = field(
+        default=10.0,
+        metadata=_option(
+            parse_seconds,
+            "seconds a sink connection may wait between commands",
+            commands=_SERVE,
+            metavar="S",
+        ),
+    )
+    sink_connection_timeout: float = field(
+        default=60.0,
+        metadata=_option(
+            parse_seconds, "seconds a sink connection may last", commands=_SERVE, metavar="S"
+        ),
+    )
+    sink_max_message_bytes: int = field(
+        default=64 * 1024,
+        metadata=_option(
+            parse_count, "largest message the sink takes, in bytes", commands=_SERVE, metavar="N"
+        ),
+    )
+    sink_max_unknown_recipients: int = field(
+        default=3,
+        metadata=_option(
+            parse_count,
+            "unknown recipients per sink connection before it is closed",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    sink_unknown_recipients_per_minute: int = field(
+        default=30,
+        metadata=_option(
+            parse_count,
+            "unknown recipients per prefix and minute before the sink refuses it",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    sink_replies_per_second: float = field(
+        default=1000.0,
+        metadata=_option(
+            parse_rate,
+            "sink replies per second, all clients together",
+            commands=_SERVE,
+            metavar="R",
         ),
     )
     confirm: bool = field(
@@ -389,6 +516,42 @@ class Settings:
         default=200,
         metadata=_option(parse_count, "tests running at once", commands=_SERVE, metavar="N"),
     )
+    caller_input_bytes: int = field(
+        default=16 * 1024,
+        metadata=_option(
+            parse_count,
+            "bytes a caller may send at once; past that (or the rate) its input is ignored",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    caller_input_rate: float = field(
+        default=1024.0,
+        metadata=_option(
+            parse_rate,
+            "bytes per second a caller may send after that",
+            commands=_SERVE,
+            metavar="R",
+        ),
+    )
+    caller_output_bytes: int = field(
+        default=256 * 1024,
+        metadata=_option(
+            parse_count,
+            "unsent output after which a caller counts as not reading and is cut off",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
+    caller_write_timeout: float = field(
+        default=30.0,
+        metadata=_option(
+            parse_seconds,
+            "seconds a caller may leave our output unread before it is cut off",
+            commands=_SERVE,
+            metavar="S",
+        ),
+    )
     motd: str = field(
         default="",
         metadata=_option(_text, "greeting shown to callers", commands=_SERVE, metavar="TEXT"),
@@ -410,6 +573,23 @@ class Settings:
         if self.sink_listen is None:
             return "no canary sink configured (sink_listen)"
         return None
+
+    def sink_limits(self) -> SinkLimits:
+        """The canary sink's limits; `ValueError` when they contradict each other."""
+        return SinkLimits(
+            max_connections=self.sink_max_connections,
+            reserved_connections=self.sink_reserved_connections,
+            max_connections_per_address=self.sink_max_connections_per_address,
+            max_connections_per_prefix=self.sink_max_connections_per_prefix,
+            ipv4_prefix=self.sink_ipv4_prefix,
+            ipv6_prefix=self.sink_ipv6_prefix,
+            idle_timeout=self.sink_idle_timeout,
+            connection_timeout=self.sink_connection_timeout,
+            max_message_bytes=self.sink_max_message_bytes,
+            max_unknown_recipients=self.sink_max_unknown_recipients,
+            unknown_recipients_per_minute=self.sink_unknown_recipients_per_minute,
+            replies_per_second=self.sink_replies_per_second,
+        )
 
     def test_options(self) -> RelayTestOptions:
         off = self.confirmation_off_reason()
@@ -554,4 +734,8 @@ def load_settings(
         raise ConfigError(f"probes: {exc}") from None
     if not settings.listen:
         raise ConfigError("listen: give at least one ADDR:PORT")
+    try:
+        settings.sink_limits()
+    except ValueError as exc:
+        raise ConfigError(f"sink limits: {exc}") from None
     return settings

@@ -13,7 +13,7 @@ import dataclasses
 import datetime
 import ipaddress
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +34,20 @@ from relayprobe.events import (
 from relayprobe.hostname import banner_hostname
 from relayprobe.probes import CLASSIC, Probe, ProbeContext, address_literal, render
 from relayprobe.rdns import lookup_ptr
-from relayprobe.sanitize import sanitize_line
+from relayprobe.sanitize import MAX_DISPLAY_CHARS, sanitize_line
 from relayprobe.smtpclient import BadReply, Reply, ReplyTimeout, ServerDisconnected, SMTPSession
 from relayprobe.verdict import Confirmation, classify, summary_lines, verdict
 
 Emit = Callable[[Event], None]
+Checkpoint = Callable[[], Awaitable[None]]
 PtrLookup = Callable[..., Coroutine[Any, Any, str | None]]
 
 # More reply lines than this are counted, not shown: a 300-line EHLO says nothing useful.
 MAX_REPLY_LINES = 40
+# Reply text a test shows in full; past it, only each reply's first line, cut short. This bounds
+# what a hostile server's long replies cost to escape, send and keep, whatever their number.
+MAX_REPLY_CHARS = 64 * 1024
+CUT_REPLY_CHARS = 200
 # Enough for a QUIT at the end, short enough not to hold up the summary.
 QUIT_TIMEOUT = 2.0
 
@@ -88,12 +93,18 @@ class UnusableReply(SessionLost):
 
 class _RelayTest:
     def __init__(
-        self, target: str, options: RelayTestOptions, emit: Emit, registry: CanaryRegistry | None
+        self,
+        target: str,
+        options: RelayTestOptions,
+        emit: Emit,
+        registry: CanaryRegistry | None,
+        before_probe: Checkpoint | None,
     ) -> None:
         self.target = target
         self.options = options
         self.emit = emit
         self.registry = registry
+        self.before_probe = before_probe
         self.tokens: dict[str, str] = {}
         self.sent: list[_TestMessage] = []
         self.registry_full = False
@@ -103,6 +114,7 @@ class _RelayTest:
         self.use_helo = False
         self.banner: str | None = None
         self.banner_name: str | None = None
+        self.reply_chars_shown = 0
         self.results: list[ProbeFinished] = []
         self.context: ProbeContext | None = None
 
@@ -281,6 +293,8 @@ class _RelayTest:
     # Probes
 
     async def _run_probe(self, probe: Probe, context: ProbeContext) -> None:
+        if self.before_probe is not None:
+            await self.before_probe()
         self.emit(ProbeStarted(probe.name))
         token = self._token_for(probe.name)
         values = context.values(rcpt=canary.local_part(token) if token else "nobody")
@@ -323,9 +337,10 @@ class _RelayTest:
     ) -> None:
         """Send the test message of an accepted probe, then RSET; the probe's answer stands."""
         try:
-            if outcome is Outcome.ACCEPTED and token is not None:
+            if outcome is Outcome.ACCEPTED and token is not None and self.registry is not None:
                 message = canary.test_message(
                     token=token,
+                    secret=self.registry.message_secret(token),
                     probe_name=name,
                     sender=mail_from,
                     recipient=rcpt_to,
@@ -381,7 +396,9 @@ class _RelayTest:
             arrived = await self.registry.wait(
                 by_token,
                 timeout=wait,
-                on_arrival=lambda token, after: self.emit(Relayed(by_token[token], after)),
+                on_arrival=lambda token, after, source: self.emit(
+                    Relayed(by_token[token], after, source)
+                ),
             )
         relayed = [message.probe for message in self.sent if message.token in arrived]
         self.results = [
@@ -440,11 +457,21 @@ class _RelayTest:
         return reply
 
     def _show(self, reply: Reply) -> None:
-        for line in reply.lines[:MAX_REPLY_LINES]:
-            self.emit(Received(sanitize_line(line)))
-        hidden = len(reply.lines) - MAX_REPLY_LINES
+        in_full = self.reply_chars_shown < MAX_REPLY_CHARS
+        shown = reply.lines[:MAX_REPLY_LINES] if in_full else reply.lines[:1]
+        limit = MAX_DISPLAY_CHARS if in_full else CUT_REPLY_CHARS
+        for line in shown:
+            text = sanitize_line(line, limit=limit)
+            self.reply_chars_shown += len(text)
+            self.emit(Received(text))
+        hidden = len(reply.lines) - len(shown)
         if hidden > 0:
             self._progress(f"{hidden} more reply lines not shown")
+        if in_full and self.reply_chars_shown >= MAX_REPLY_CHARS:
+            self._progress(
+                f"Over {MAX_REPLY_CHARS // 1024} KiB of replies shown: from here on only the "
+                "first line of each"
+            )
 
     def _progress(self, text: str) -> None:
         self.emit(Progress(text))
@@ -457,11 +484,14 @@ async def run_relay_test(
     *,
     registry: CanaryRegistry | None = None,
     ptr_lookup: PtrLookup = lookup_ptr,
+    before_probe: Checkpoint | None = None,
 ) -> Summary:
     """Test `target` (an IP address) and return the summary; every step is passed to `emit`.
 
     With a `registry` (whose canary sink receives mail for the test domain), accepted probes
-    send a test message and the test waits for it to arrive.
+    send a test message and the test waits for it to arrive. `before_probe` is awaited before
+    each probe starts: a front door holds the test there while it finds out whether its caller
+    is still listening.
     """
     address = str(ipaddress.ip_address(target))
-    return await _RelayTest(address, options, emit, registry).run(ptr_lookup)
+    return await _RelayTest(address, options, emit, registry, before_probe).run(ptr_lookup)

@@ -65,6 +65,8 @@ class Relayed:
 
     name: str
     after_s: float
+    source: str
+    """The address that delivered it: the sink connection's peer."""
 
 
 @dataclass(frozen=True, slots=True)

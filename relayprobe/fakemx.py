@@ -67,9 +67,11 @@ class FakeMailServer:
         self.quits = 0
         self.closed = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._address = "127.0.0.1"
         self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._address = host
         self._server = await asyncio.start_server(self._serve, host, port, backlog=2048)
         return int(self._server.sockets[0].getsockname()[1])
 
@@ -192,7 +194,10 @@ class FakeMailServer:
         host, port = self.forward_to
         try:
             async with asyncio.timeout(FORWARD_TIMEOUT):
-                reader, writer = await asyncio.open_connection(host, port)
+                # From the server's own address, as a relay's queue would deliver.
+                reader, writer = await asyncio.open_connection(
+                    host, port, local_addr=(self._address, 0)
+                )
                 try:
                     for line in (
                         f"HELO {self.hostname}".encode(),

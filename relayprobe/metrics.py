@@ -7,8 +7,7 @@ and every known value is exported from the start, at zero.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -118,14 +117,11 @@ class Metrics:
     def sink_delivery(self) -> None:
         self._sink_deliveries.inc()
 
-    @contextmanager
-    def session(self) -> Iterator[None]:
-        """Count a session as active for the duration of the `with` block."""
+    def session_opened(self) -> None:
         self._active_sessions.inc()
-        try:
-            yield
-        finally:
-            self._active_sessions.dec()
+
+    def session_closed(self) -> None:
+        self._active_sessions.dec()
 
     def exposition(self) -> tuple[bytes, str]:
         """The registry in the Prometheus text format, and its content type."""

@@ -33,8 +33,8 @@ def text_lines(event: Event) -> tuple[str, ...]:
             return (f":Relay test: #{name}",)
         case Progress(text=text):
             return (f":{text}",)
-        case Relayed(name=name, after_s=after_s):
-            return (f":Relayed: {name} arrived after {after_s:.1f} s",)
+        case Relayed(name=name, after_s=after_s, source=source):
+            return (f":Relayed: {name} arrived after {after_s:.1f} s from {source}",)
         case Summary(lines=lines):
             return lines
         case ProbeFinished():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import itertools
 import time
@@ -22,6 +23,7 @@ from relayprobe.access import (
     AccessPolicy,
     RateLimiter,
     Refusal,
+    TokenBucket,
     parse_network,
     rate_refusal,
 )
@@ -32,18 +34,24 @@ from relayprobe.events import Event, Summary
 from relayprobe.metrics import Metrics
 from relayprobe.proxyproto import ProxyHeaderError, ProxyHeaderParser
 from relayprobe.render import MAX_KEPT_CHARS, Transcript, json_result
-from relayprobe.telnet import TelnetInput, encode_line
+from relayprobe.tcpstate import PeerState, limit_send_queue, peer_state
+from relayprobe.telnet import NO_OPERATION, TelnetInput, encode_line
 
 log = structlog.get_logger("relayprobe.server")
 
 BUSY = Refusal("busy", "Too many tests running, try again in a minute")
 SHUTDOWN_MESSAGE = ":Service shutting down"
-# Past this much unsent output the caller is not reading: end the session.
-MAX_OUTPUT_BYTES = 256 * 1024
-# Above this, asyncio asks us to pause; a pause longer than the reply timeout ends the session.
+# Above this, asyncio asks us to pause; a pause longer than the write timeout ends the session.
 WRITE_HIGH_WATER = 64 * 1024
+# What the kernel may hold for a caller: small, so that our own output cap is what counts.
+CALLER_SEND_BUFFER = 64 * 1024
 LISTEN_BACKLOG = 4096
+# While a caller that has sent FIN is silent, how often to check that it is still there.
+CALLER_CHECK_INTERVAL = 0.25
+# How long a probe waits for a caller that has sent FIN to acknowledge what we wrote.
+CALLER_CHECK_TIMEOUT = 1.0
 SLOW_CLIENT = "client stopped reading"
+CLIENT_CLOSED = "client closed"
 
 ResultSink = Callable[[Mapping[str, Any]], None]
 
@@ -61,21 +69,40 @@ def target_address(peer: str) -> str:
 
 
 class TelnetSession(asyncio.Protocol):
-    """One caller: (read a PROXY header,) admit, and stream the relay test of their address."""
+    """One caller: (read a PROXY header,) admit, and stream the relay test of their address.
+
+    A FIN from the caller only means it has nothing more to say (`nc -N`, scripts): the test
+    goes on. The caller is gone when a write fails or the kernel sees a reset; after a FIN we
+    write an invisible telnet NOP now and then so that a caller who hung up is noticed within a
+    second, and before each probe we wait until the caller has acknowledged what we sent.
+    """
 
     def __init__(self, service: ReflectorService, session_id: int) -> None:
         self.service = service
         self.session_id = session_id
+        settings = service.settings
         self.telnet = TelnetInput()
+        self.input_budget = TokenBucket(
+            rate=settings.caller_input_rate,
+            capacity=settings.caller_input_bytes,
+            now=time.monotonic(),
+        )
         # The transcript is kept only for the history; without one, keeping it costs for nothing.
         self.transcript = Transcript(max_chars=MAX_KEPT_CHARS if service.on_result else 0)
         self.pending: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.proxy: ProxyHeaderParser | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Summary] | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.end_reason = "finished"
+        self.watch: asyncio.TimerHandle | None = None
+        self.end_reason: str | None = None
+        self.ignoring_input = False
+        self.caller_silent = False
+        """The caller sent FIN, or we stopped reading: only writes can tell us it has gone."""
+        self.written_since_check = False
+        """Whether anything went out since the caller was last checked: if it has gone, what
+        we wrote is answered with a reset; if nothing went out, a NOP must."""
         self.log = log
 
     # asyncio callbacks
@@ -87,38 +114,57 @@ class TelnetSession(asyncio.Protocol):
         if peername is None:  # the caller reset the connection before we saw it
             transport.close()
             return
+        settings = self.service.settings
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        limit_send_queue(
+            transport.get_extra_info("socket"),
+            buffer_bytes=CALLER_SEND_BUFFER,
+            stalled_after=settings.caller_write_timeout,
+        )
         self.peer = target_address(peername[0])
         self.log = log.bind(session=self.session_id, peer=self.peer)
-        if not self.service.settings.proxy_protocol:
+        if not settings.proxy_protocol:
             self._admit(self.peer)
         elif self.service.is_trusted_proxy(self.peer):
             self.proxy = ProxyHeaderParser()
-            self._start_timer(
-                self.service.settings.proxy_timeout, self._drop, "no PROXY header in time"
-            )
+            self._start_timer(settings.proxy_timeout, self._drop, "no PROXY header in time")
         else:
             self._drop("untrusted proxy")
 
     def data_received(self, data: bytes) -> None:
         if self.proxy is not None:
             data = self._read_proxy_header(data)
+            if not data:
+                return
+        if self.ignoring_input:
+            return
+        if self.input_budget.wait(time.monotonic(), len(data)) > 0:
+            self._stop_reading()
+            return
+        self.input_budget.take(len(data))
         result = self.telnet.feed(data)
-        if result.reply and self.transport is not None:
-            self.transport.write(result.reply)
+        if result.reply:
+            self._queue(result.reply)
         if result.interrupted:
             self.end("interrupted")
 
     def eof_received(self) -> bool:
-        self.end("client closed")
-        return False
+        if self.task is None or self.task.done():
+            self.end(CLIENT_CLOSED)
+            return False
+        self.log.debug("caller_half_closed")
+        self._watch_caller()
+        return True  # keep writing: a half-closed caller still reads
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.end("client closed")
+        self.end(CLIENT_CLOSED)
         self._cancel_timer()
+        if self.watch is not None:
+            self.watch.cancel()
 
     def pause_writing(self) -> None:
-        self._start_timer(self.service.settings.reply_timeout, self.end, SLOW_CLIENT)
+        timeout = self.service.settings.caller_write_timeout
+        self._start_timer(timeout, self.end, SLOW_CLIENT)
 
     def resume_writing(self) -> None:
         self._cancel_timer()
@@ -163,16 +209,81 @@ class TelnetSession(asyncio.Protocol):
         self.service.metrics.refused("proxy")
         self.end("proxy")
 
+    # The caller's input
+
+    def _stop_reading(self) -> None:
+        """The caller sent more than the service will read: read nothing more, say so once."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.ignoring_input = True
+        self.log.info("caller_input_ignored")
+        limit = self.service.settings.caller_input_bytes
+        self.write_line(f":Ignoring your input from now on (over {limit} bytes); hang up to stop")
+        self._watch_caller()
+
+    def _watch_caller(self) -> None:
+        """Start checking, now and every CALLER_CHECK_INTERVAL, that the caller is still there."""
+        if self.caller_silent:
+            return
+        self.caller_silent = True
+        self._check_caller()
+
+    def _check_caller(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if peer_state(transport.get_extra_info("socket")) is PeerState.GONE:
+            self.end(CLIENT_CLOSED)
+            return
+        self._write_something()
+        self.watch = asyncio.get_running_loop().call_later(
+            CALLER_CHECK_INTERVAL, self._check_caller
+        )
+
+    def _write_something(self) -> None:
+        """Make sure something went out since the last check; a gone caller resets it."""
+        self.flush()
+        if not self.written_since_check:
+            self.pending.append(NO_OPERATION)
+            self.flush()
+        self.written_since_check = False
+
+    async def caller_present(self) -> None:
+        """Before each probe: once the caller has gone quiet, wait (at most
+        CALLER_CHECK_TIMEOUT) until it has acknowledged what we sent, so that no new probe
+        starts for a caller who hung up."""
+        transport = self.transport
+        if not self.caller_silent or transport is None:
+            return
+        self._write_something()
+        sock = transport.get_extra_info("socket")
+        deadline = time.monotonic() + CALLER_CHECK_TIMEOUT
+        delay = 0.001
+        while time.monotonic() < deadline:
+            state = peer_state(sock)
+            if state is PeerState.GONE or transport.is_closing():
+                self.end(CLIENT_CLOSED)
+                raise asyncio.CancelledError
+            if state is PeerState.UNKNOWN or (
+                state is PeerState.PRESENT and not transport.get_write_buffer_size()
+            ):
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, CALLER_CHECK_INTERVAL)
+
     # Output
 
     def write_line(self, line: str) -> None:
         """Queue a line for the caller; the lines of one loop turn go out in one write."""
+        self._queue(encode_line(line))
+
+    def _queue(self, data: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         if not self.pending:
             asyncio.get_running_loop().call_soon(self.flush)
-        self.pending.append(encode_line(line))
+        self.pending.append(data)
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
@@ -180,7 +291,8 @@ class TelnetSession(asyncio.Protocol):
         if not pending or transport is None or transport.is_closing():
             return
         transport.write(b"".join(pending))
-        if transport.get_write_buffer_size() > MAX_OUTPUT_BYTES:
+        self.written_since_check = True
+        if transport.get_write_buffer_size() > self.service.settings.caller_output_bytes:
             self.end(SLOW_CLIENT)
 
     def emit(self, event: Event) -> None:
@@ -191,10 +303,11 @@ class TelnetSession(asyncio.Protocol):
 
     def end(self, reason: str) -> None:
         """Stop the test (its SMTP session gets QUIT) and hang up; the first reason counts."""
+        if self.end_reason is None:
+            self.end_reason = reason
         if reason != SLOW_CLIENT:
             self.flush()
-        if self.task is not None and not self.task.done() and not self.task.cancelling():
-            self.end_reason = reason
+        if self.task is not None and not self.task.done():
             self.task.cancel()
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -246,7 +359,7 @@ class ReflectorService:
         self.trusted_proxies = tuple(parse_network(cidr) for cidr in settings.trusted_proxy)
         self.servers: list[asyncio.Server] = []
         self.sessions: dict[int, TelnetSession] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[Summary]] = set()
         self._ids = itertools.count(1)
         self._shutting_down = False
 
@@ -293,47 +406,58 @@ class ReflectorService:
                 return rate_refusal(decision)
         return None
 
-    def start_session(self, session: TelnetSession, target: str) -> asyncio.Task[None]:
+    def start_session(self, session: TelnetSession, target: str) -> asyncio.Task[Summary]:
+        """Run the test of `target` for `session`.
+
+        The session is counted from here to the task's done-callback, never from inside the
+        task: a caller who hangs up at once gets the task cancelled before its first step, and
+        a `finally` in it would never run.
+        """
         self.sessions[session.session_id] = session
-        task = asyncio.create_task(self._run_session(session, target))
+        self.metrics.session_opened()
+        self.metrics.test_started()
+        session.log.info("session_start", target=target)
+        task = asyncio.create_task(self._run_test(session, target))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(
+            functools.partial(self._session_done, session, target, time.monotonic())
+        )
         return task
 
-    async def _run_session(self, session: TelnetSession, target: str) -> None:
-        started = time.monotonic()
-        session.log.info("session_start", target=target)
-        self.metrics.test_started()
-        summary: Summary | None = None
-        try:
-            with self.metrics.session():
-                for line in self.settings.motd.splitlines():
-                    session.write_line(line)
-                summary = await run_relay_test(
-                    target, self.options, session.emit, registry=self.registry
-                )
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            session.end_reason = "internal error"
-            session.log.exception("session_failed", target=target)
-            session.write_line(":Internal error; the test was stopped")
-        finally:
-            del self.sessions[session.session_id]
-            session.end(session.end_reason)
-            if session.end_reason == SLOW_CLIENT:
-                self.metrics.refused("slow_client")
-            self._finished(session, target, summary, time.monotonic() - started)
+    async def _run_test(self, session: TelnetSession, target: str) -> Summary:
+        for line in self.settings.motd.splitlines():
+            session.write_line(line)
+        return await run_relay_test(
+            target,
+            self.options,
+            session.emit,
+            registry=self.registry,
+            before_probe=session.caller_present,
+        )
 
-    def _finished(
-        self, session: TelnetSession, target: str, summary: Summary | None, duration: float
+    def _session_done(
+        self, session: TelnetSession, target: str, started: float, task: asyncio.Task[Summary]
     ) -> None:
+        self.tasks.discard(task)
+        del self.sessions[session.session_id]
+        self.metrics.session_closed()
+        summary: Summary | None = None
+        if task.cancelled():
+            pass
+        elif (error := task.exception()) is not None:
+            session.end_reason = "internal error"
+            session.log.error("session_failed", target=target, exc_info=error)
+            session.write_line(":Internal error; the test was stopped")
+        else:
+            summary = task.result()
+        reason = session.end_reason or "finished"
+        session.end(reason)
+        if reason == SLOW_CLIENT:
+            self.metrics.refused("slow_client")
+        duration = time.monotonic() - started
         if summary is None:
             session.log.info(
-                "session_end",
-                target=target,
-                reason=session.end_reason,
-                duration_s=round(duration, 3),
+                "session_end", target=target, reason=reason, duration_s=round(duration, 3)
             )
             return
         result = json_result(summary, session.transcript.lines)

@@ -1,26 +1,41 @@
 """The canary sink: the test domain's mail server, which records relayed test messages.
 
-It is no open mailbox: RCPT is accepted only for a token the registry holds as pending, and every
-connection is bounded in count, idle time, total time and message size.
+It is no open mailbox: RCPT is accepted only for a token the registry holds as pending, a message
+counts only when its body carries the token's secret, and every connection is bounded in count
+(per address, per prefix and in all), idle time, total time, message size, unknown recipients and
+reply rate (see `SinkLimits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, AnyStr, cast
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relayprobe.access import IPAddress, unmap_ipv4
 from relayprobe.canary import CanaryRegistry, token_from_address
+from relayprobe.sinklimits import Refusal, SinkGuard, SinkLimits
 
 NO_SUCH_TEST = "550 5.1.1 No such test"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+TOO_MANY_UNKNOWN = "421 4.7.0 Too many unknown recipients, closing connection"
 RECEIVED = "250 2.0.0 Test message received"
+NOT_A_TEST_MESSAGE = "554 5.7.1 Not a test message of this service: it is not counted"
 INTERNAL_ERROR = "451 4.3.0 Internal error"
 TOO_MANY_CONNECTIONS = b"421 4.3.2 Too many connections, try again later\r\n"
+REFUSALS: dict[Refusal, bytes] = {
+    "capacity": TOO_MANY_CONNECTIONS,
+    "address": TOO_MANY_CONNECTIONS,
+    "prefix": TOO_MANY_CONNECTIONS,
+    "throttled": b"421 4.7.0 Too many unknown recipients from your network, try again later\r\n",
+}
 IDENT = "relayprobe canary sink"
 # A relay delivers one probe's message at a time; a hundred recipients is already generous.
 MAX_RECIPIENTS = 100
@@ -36,11 +51,13 @@ class _CanaryHandler:
         *,
         registry: CanaryRegistry,
         domain: str,
-        on_message: Callable[[list[str]], None],
+        on_message: Callable[[list[str], str], None],
+        on_unproven: Callable[[list[str], str], None],
     ) -> None:
         self._registry = registry
         self._domain = domain
         self._on_message = on_message
+        self._on_unproven = on_unproven
 
     async def handle_RCPT(
         self,
@@ -52,21 +69,32 @@ class _CanaryHandler:
     ) -> str:
         token = token_from_address(address, domain=self._domain)
         if token is None or not self._registry.is_pending(token):
-            return NO_SUCH_TEST
+            return cast(_SinkConnection, server).unknown_recipient()
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        # The recipients are the proof: each passed the pending check at RCPT. The content is
-        # whatever the relay made of our message and is neither parsed nor trusted.
-        arrived = []
+        # Each recipient passed the pending check at RCPT; the message proves its token only if
+        # it carries the token's secret, which the caller never sees. Nothing else in it is
+        # parsed or trusted.
+        source = str(cast(_SinkConnection, server).source)
+        content = envelope.content if isinstance(envelope.content, bytes) else b""
+        arrived: list[str] = []
+        unproven: list[str] = []
         for address in envelope.rcpt_tos:
             token = token_from_address(address, domain=self._domain)
-            if token is not None and self._registry.mark_arrived(token):
+            if token is None:
+                continue
+            if self._registry.message_secret(token).encode("ascii") not in content:
+                unproven.append(token)
+            elif self._registry.mark_arrived(token, source=source):
                 arrived.append(token)
-        self._on_message(arrived)
+        if unproven and not arrived:
+            self._on_unproven(unproven, source)
+            return NOT_A_TEST_MESSAGE
+        self._on_message(arrived, source)
         return RECEIVED
 
     async def handle_exception(self, error: Exception) -> str:
@@ -100,50 +128,98 @@ class _Connections:
 
 
 class _SinkConnection(SMTP):
-    """aiosmtpd's SMTP protocol, plus a cap on total connection time and bookkeeping for stop()."""
+    """aiosmtpd's SMTP protocol, plus the sink's limits and bookkeeping for stop()."""
 
     def __init__(
         self,
         handler: _CanaryHandler,
         *,
+        source: IPAddress,
+        guard: SinkGuard,
+        limits: SinkLimits,
         connections: _Connections,
-        connection_timeout: float,
         **smtp_options: Any,
     ) -> None:
-        super().__init__(handler, **smtp_options)
+        super().__init__(
+            handler,
+            data_size_limit=limits.max_message_bytes,
+            timeout=limits.idle_timeout,
+            **smtp_options,
+        )
+        self.source = source
+        self._guard = guard
+        self._limits = limits
         self._connections = connections
-        self._connection_timeout = connection_timeout
         self._deadline: asyncio.TimerHandle | None = None
-        # Counted from creation, not from connection_made: a burst of accepts creates several
-        # protocols before any of them is connected.
+        self._unknown_recipients = 0
+        self._hanging_up = False
         connections.live.add(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._deadline = self.loop.call_later(self._connection_timeout, transport.close)
+        self._deadline = self.loop.call_later(self._limits.connection_timeout, transport.close)
         if self._handler_coroutine is not None:
             self._connections.track(self._handler_coroutine)
-        if self._connections.closing:
-            transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
         self._connections.live.discard(self)
+        self._guard.release(self.source)
         super().connection_lost(error)
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
+    def unknown_recipient(self) -> str:
+        """The reply to an unknown recipient: 550 while this connection and its source have
+        budget left, else 421, and the connection ends after it."""
+        self._unknown_recipients += 1
+        within_budget = self._guard.unknown_recipient(self.source)
+        if within_budget and self._guard.throttled(self.source):
+            # Once per episode: the recipient that spent the budget. Not per refusal, which
+            # would let a flood write the log.
+            log.warning("canary_sink_throttled", source=str(self.source))
+        if within_budget and self._unknown_recipients <= self._limits.max_unknown_recipients:
+            return NO_SUCH_TEST
+        self._hanging_up = True
+        return TOO_MANY_UNKNOWN
 
-class _Refusal(asyncio.Protocol):
-    """What a connection beyond the cap gets: 421 and a close."""
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(arg)
+        if self._hanging_up:
+            assert self.transport is not None and self._handler_coroutine is not None
+            self.transport.close()
+            self._handler_coroutine.cancel()
+            # The cancellation lands here: no command already buffered is read after the 421.
+            await asyncio.sleep(0)
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        # One reply per connection per turn of the event loop, and no more than the shared
+        # reply rate: a flood of commands gets a bounded share of the loop, not all of it.
+        await asyncio.sleep(self._guard.reply_delay())
+
+
+class _Gate(asyncio.Protocol):
+    """A new connection until its peer is known: handed to the SMTP protocol, or refused."""
+
+    def __init__(self, admit: Callable[[asyncio.BaseTransport], None]) -> None:
+        self._admit = admit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        writable = cast(asyncio.WriteTransport, transport)
-        writable.write(TOO_MANY_CONNECTIONS)
-        writable.close()
+        self._admit(transport)
+
+
+def _peer_address(transport: asyncio.BaseTransport) -> IPAddress | None:
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return None
+    try:
+        return unmap_ipv4(ipaddress.ip_address(str(peer[0]).partition("%")[0]))
+    except ValueError:
+        return None
 
 
 class CanarySink:
@@ -155,35 +231,28 @@ class CanarySink:
         registry: CanaryRegistry,
         domain: str,
         hostname: str | None = None,
-        max_message_bytes: int = 64 * 1024,
-        max_connections: int = 100,
-        idle_timeout: float = 30.0,
-        connection_timeout: float = 120.0,
+        limits: SinkLimits | None = None,
         on_delivery: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not domain.strip("."):
             raise ValueError("the sink needs a test domain")
-        for name, value in (
-            ("max_message_bytes", max_message_bytes),
-            ("max_connections", max_connections),
-            ("idle_timeout", idle_timeout),
-            ("connection_timeout", connection_timeout),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, not {value}")
         self._handler = _CanaryHandler(
-            registry=registry, domain=domain, on_message=self._count_delivery
+            registry=registry,
+            domain=domain,
+            on_message=self._count_delivery,
+            on_unproven=self._count_unproven,
         )
         # Never None: aiosmtpd would ask socket.getfqdn(), a DNS lookup.
         self._hostname = hostname or domain
-        self._max_message_bytes = max_message_bytes
-        self._max_connections = max_connections
-        self._idle_timeout = idle_timeout
-        self._connection_timeout = connection_timeout
+        self._limits = limits or SinkLimits()
+        self._clock = clock
         self._on_delivery = on_delivery
         self._connections = _Connections()
         self._server: asyncio.Server | None = None
         self.deliveries = 0
+        self.unproven = 0
+        self.refused: Counter[Refusal] = Counter()
 
     @property
     def connections(self) -> int:
@@ -197,8 +266,11 @@ class CanarySink:
         logging.getLogger("mail.log").disabled = True
         loop = asyncio.get_running_loop()
         connections = self._connections = _Connections()
+        guard = SinkGuard(self._limits, clock=self._clock)
         self._server = await loop.create_server(
-            lambda: self._new_protocol(loop, connections), host, port
+            lambda: _Gate(lambda transport: self._admit(transport, loop, connections, guard)),
+            host,
+            port,
         )
         bound = self._server.sockets[0].getsockname()
         log.info("canary_sink_listening", host=bound[0], port=bound[1])
@@ -213,24 +285,44 @@ class CanarySink:
         await self._connections.close_all()
         await server.wait_closed()
 
-    def _new_protocol(
-        self, loop: asyncio.AbstractEventLoop, connections: _Connections
-    ) -> asyncio.Protocol:
-        if len(connections) >= self._max_connections:
-            return _Refusal()
-        return _SinkConnection(
+    def _admit(
+        self,
+        transport: asyncio.BaseTransport,
+        loop: asyncio.AbstractEventLoop,
+        connections: _Connections,
+        guard: SinkGuard,
+    ) -> None:
+        """Hand a new connection to SMTP, or refuse it with 421 (or, when stopping, just close)."""
+        source = _peer_address(transport)
+        if connections.closing or source is None:
+            transport.close()
+            return
+        refusal = guard.admit(source)
+        if refusal is not None:
+            self.refused[refusal] += 1
+            writable = cast(asyncio.WriteTransport, transport)
+            writable.write(REFUSALS[refusal])
+            writable.close()
+            return
+        connection = _SinkConnection(
             self._handler,
+            source=source,
+            guard=guard,
+            limits=self._limits,
             connections=connections,
-            connection_timeout=self._connection_timeout,
             hostname=self._hostname,
             ident=IDENT,
-            data_size_limit=self._max_message_bytes,
-            timeout=self._idle_timeout,
             loop=loop,
         )
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
 
-    def _count_delivery(self, tokens: list[str]) -> None:
+    def _count_delivery(self, tokens: list[str], source: str) -> None:
         self.deliveries += 1
-        log.info("canary_delivery", tokens=tokens)
+        log.info("canary_delivery", tokens=tokens, source=source)
         if self._on_delivery is not None:
             self._on_delivery()
+
+    def _count_unproven(self, tokens: list[str], source: str) -> None:
+        self.unproven += 1
+        log.warning("canary_unproven", tokens=tokens, source=source)

@@ -249,11 +249,12 @@ class HistoryStore:
 
 
 class HistoryWriter:
-    """Saves results on a background thread; `submit` never blocks and nothing here raises.
+    """Saves results on a background thread; `submit` never blocks and only `start` raises.
 
-    Failures (unwritable directory, locked database, full disk, bad result) are logged and the
-    result is dropped. The database is opened, and pruned to `retention_days`, at start and then
-    every `prune_interval_s`; if it cannot be opened, each later result tries again.
+    `start` opens the database and prunes it to `retention_days`, and raises if it can't create
+    or write it. After that, failures (locked database, full disk, bad result) are logged and the
+    result is dropped; the database is pruned every `prune_interval_s`, and if it cannot be opened,
+    each later result tries again.
     """
 
     def __init__(
@@ -295,7 +296,25 @@ class HistoryWriter:
             self._log.warning("history.dropped", reason="queue full", target=_target(result))
 
     async def start(self) -> None:
+        """Prune now, then save in the background.
+
+        Raises sqlite3.Error or OSError when the database can't be created or written, so that a
+        service doesn't run with a history that can only fail. A lock held elsewhere is no such
+        proof: it is logged, and the writer starts.
+        """
+        await asyncio.to_thread(self._first_prune)
         self._thread.start()
+
+    def _first_prune(self) -> None:
+        # A connection of its own: an SQLite connection stays in the thread that opened it. The
+        # prune writes (even when it removes nothing), so it fails on a read-only database too.
+        try:
+            with HistoryStore(self._state_dir, busy_timeout_s=self._busy_timeout_s) as store:
+                self._prune(store)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            self._log.error("history.prune_failed", path=str(self._state_dir), error=str(exc))
 
     async def stop(self) -> None:
         """Save what is queued, waiting at most `stop_timeout_s`; the rest is dropped and logged."""
@@ -317,12 +336,12 @@ class HistoryWriter:
             self._log.error("history.stop_timeout", unsaved=max(0, self._queue.qsize() - sentinels))
 
     def _run(self) -> None:
-        next_prune = time.monotonic()
+        next_prune = time.monotonic() + self._prune_interval_s
         while not self._abandoned.is_set():
             if self._stopping.is_set() and self._queue.empty():
                 break
             if time.monotonic() >= next_prune:
-                self._prune()
+                self._prune_logging_failures()
                 next_prune = time.monotonic() + self._prune_interval_s
             try:
                 result = self._queue.get(timeout=max(0.0, next_prune - time.monotonic()))
@@ -338,16 +357,18 @@ class HistoryWriter:
             self._store = HistoryStore(self._state_dir, busy_timeout_s=self._busy_timeout_s)
         return self._store
 
-    def _prune(self) -> None:
+    def _prune(self, store: HistoryStore) -> None:
+        removed = store.prune(
+            older_than_days=self._retention_days, now=datetime.datetime.now(datetime.UTC)
+        )
+        if removed:
+            self._log.info("history.pruned", removed=removed)
+
+    def _prune_logging_failures(self) -> None:
         try:
-            removed = self._open().prune(
-                older_than_days=self._retention_days, now=datetime.datetime.now(datetime.UTC)
-            )
+            self._prune(self._open())
         except (sqlite3.Error, OSError) as exc:
             self._log.error("history.prune_failed", path=str(self._state_dir), error=str(exc))
-        else:
-            if removed:
-                self._log.info("history.pruned", removed=removed)
 
     def _save(self, result: Mapping[str, Any]) -> None:
         try:

@@ -2,11 +2,13 @@
 
 The service never uses what the client types. `TelnetInput` consumes the client's bytes, refuses
 every option the client offers or requests, and reports when the user asked to stop (Ctrl-C and
-its telnet forms). `encode_line` turns one transcript line into bytes that are safe to send.
+its telnet forms, Ctrl-D, or a line saying `quit`). `encode_line` turns one transcript line into
+bytes that are safe to send.
 
-Nothing is ever buffered: the parser keeps a state, the last verb, and two fixed 256-entry tables of
-options already refused, so memory stays constant however the input is split or how long a
-subnegotiation runs.
+Nothing is ever buffered: the parser keeps a state, the last verb, at most 16 bytes of the line
+being typed, and two fixed 256-entry tables of options already refused, so memory stays constant
+however the input is split or how long a subnegotiation runs. Runs of plain text and of literal
+0xFF bytes are skipped by C-level regex matches, not a Python step per byte.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ WONT = 0xFC
 WILL = 0xFB
 SB = 0xFA
 SE = 0xF0
+NOP = 0xF1
 IP = 0xF4
 BRK = 0xF3
 ABORT = 0xEE
@@ -41,6 +44,7 @@ class InterruptCause(enum.Enum):
     END_OF_FILE = "IAC EOF"
     CTRL_C = "^C"
     CTRL_D = "^D"
+    QUIT = "quit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,17 @@ class _State(enum.Enum):
 
 
 _IAC_BYTE = bytes((IAC,))
-_DATA_SPECIAL = re.compile(rb"[\x03\x04\xff]")  # CTRL_C, CTRL_D, IAC
+_DATA_SPECIAL = re.compile(rb"[\x03\x04\r\n\xff]")  # CTRL_C, CTRL_D, line ends, IAC
+_LINE_ENDS = frozenset(b"\r\n")
+# A typed line is kept only while it could still be "quit" with some blanks around it.
+_MAX_LINE = 16
+_NOT_QUIT = b"\xff"
+_QUIT = Interrupt(InterruptCause.QUIT)
+# Literal 0xFF data bytes, skipped in one C-level match however many a client sends.
+_ESCAPED_IACS = re.compile(rb"(?:\xff\xff)+")
+# Answered by nothing and shown by no telnet client: a write that finds out whether the
+# caller is still there after it has stopped sending.
+NO_OPERATION = bytes((IAC, NOP))
 
 _DATA_INTERRUPTS = {
     CTRL_C: Interrupt(InterruptCause.CTRL_C),
@@ -103,11 +117,12 @@ class TelnetInput:
     answer because this side never enables anything.
     """
 
-    __slots__ = ("_refused_do", "_refused_will", "_state", "_verb")
+    __slots__ = ("_line", "_refused_do", "_refused_will", "_state", "_verb")
 
     def __init__(self) -> None:
         self._state = _State.DATA
         self._verb = 0
+        self._line = b""
         self._refused_will = bytearray(256)
         self._refused_do = bytearray(256)
 
@@ -115,19 +130,32 @@ class TelnetInput:
         interrupt: Interrupt | None = None
         reply = bytearray()
         state = self._state
+        line = self._line
         position = 0
         end = len(data)
         while position < end:
             if state is _State.DATA:
                 match = _DATA_SPECIAL.search(data, position)
+                text_end = end if match is None else match.start()
+                if text_end > position:
+                    line += data[position:text_end]
+                    if len(line) > _MAX_LINE:
+                        line = _NOT_QUIT
                 if match is None:
                     break
                 position = match.end()
                 byte = data[position - 1]
-                if byte == IAC:
+                if byte in _LINE_ENDS:
+                    if line.strip(b" \t\0").lower() == b"quit":
+                        interrupt = interrupt or _QUIT
+                    line = b""
+                elif byte != IAC:
+                    interrupt = interrupt or _DATA_INTERRUPTS[byte]
+                elif escaped := _ESCAPED_IACS.match(data, position - 1):
+                    position = escaped.end()
+                    line = _NOT_QUIT
+                else:
                     state = _State.COMMAND
-                elif interrupt is None:
-                    interrupt = _DATA_INTERRUPTS[byte]
             elif state is _State.SUBNEGOTIATION:
                 # Subnegotiation content is skipped, not stored: only IAC can end it.
                 found = data.find(_IAC_BYTE, position)
@@ -147,6 +175,7 @@ class TelnetInput:
                     state = _State.SUBNEGOTIATION if byte == IAC else _State.DATA
                 elif state is _State.COMMAND and byte == IAC:
                     state = _State.DATA  # IAC IAC: a literal 0xFF data byte
+                    line = _NOT_QUIT
                 else:
                     # A command after IAC; inside a subnegotiation any other command is a
                     # protocol error that ends it (as libtelnet does), so a client that never
@@ -161,6 +190,7 @@ class TelnetInput:
                             interrupt = _COMMAND_INTERRUPTS.get(byte)
                         state = _State.DATA
         self._state = state
+        self._line = line
         return TelnetFeedResult(interrupt=interrupt, reply=bytes(reply))
 
     def _answer(self, verb: int, option: int, reply: bytearray) -> None:

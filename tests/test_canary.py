@@ -21,6 +21,8 @@ from relayprobe.canary import (
 
 DOMAIN = "relaytest.example"
 TOKEN = "k3x7q2ab7z"
+SECRET = "0123456789abcdef0123456789abcdef"
+SOURCE = "192.0.2.25"
 
 tokens = st.text(alphabet=TOKEN_ALPHABET, min_size=TOKEN_LENGTH, max_size=TOKEN_LENGTH)
 labels = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20)
@@ -114,6 +116,7 @@ def test_an_empty_test_domain_matches_nothing() -> None:
 def make_message(**overrides: str) -> bytes:
     values = {
         "token": TOKEN,
+        "secret": SECRET,
         "probe_name": "Test 8",
         "sender": "<spamtest@mail.example.com>",
         "recipient": f"<nobody-{TOKEN}%{DOMAIN}@mail.example.com>",
@@ -143,6 +146,7 @@ def test_message_headers_and_body() -> None:
     assert "ISP Example, abuse@isp.example" in body
     assert "mail.example.com" in body
     assert "can be deleted" in body
+    assert f"\r\nCheck: {SECRET}\r\n".encode() in raw
 
 
 def test_message_values_cannot_add_headers_or_break_ascii() -> None:
@@ -169,10 +173,10 @@ def test_registered_token_is_pending_until_it_arrives_once() -> None:
     assert not registry.is_pending(TOKEN)
     registry.register(TOKEN, ttl=60)
     assert registry.is_pending(TOKEN)
-    assert registry.mark_arrived(TOKEN)
+    assert registry.mark_arrived(TOKEN, source=SOURCE)
     assert not registry.is_pending(TOKEN)
-    assert not registry.mark_arrived(TOKEN)
-    assert not registry.mark_arrived("unknown000")
+    assert not registry.mark_arrived(TOKEN, source=SOURCE)
+    assert not registry.mark_arrived("unknown000", source=SOURCE)
 
 
 def test_tokens_expire_after_their_ttl() -> None:
@@ -184,7 +188,7 @@ def test_tokens_expire_after_their_ttl() -> None:
     assert registry.is_pending("shortlived")
     clock.now += 0.1
     assert not registry.is_pending("shortlived")
-    assert not registry.mark_arrived("shortlived")
+    assert not registry.mark_arrived("shortlived", source=SOURCE)
     assert registry.is_pending("longlived0")
     assert len(registry) == 1
 
@@ -225,37 +229,37 @@ async def test_wait_reports_earlier_and_live_arrivals() -> None:
     for token in ("early00000", "late000000"):
         registry.register(token, ttl=60)
     clock.now += 1.5
-    registry.mark_arrived("early00000")
-    seen: list[tuple[str, float]] = []
+    registry.mark_arrived("early00000", source="192.0.2.1")
+    seen: list[tuple[str, float, str]] = []
 
     async def arrive_later() -> None:
         await asyncio.sleep(0.01)
         clock.now += 2.0
-        registry.mark_arrived("late000000")
+        registry.mark_arrived("late000000", source="2001:db8::2")
 
     arriving = asyncio.create_task(arrive_later())
     arrived = await registry.wait(
         ["early00000", "late000000"],
         timeout=5,
-        on_arrival=lambda token, after_s: seen.append((token, after_s)),
+        on_arrival=lambda token, after_s, source: seen.append((token, after_s, source)),
     )
     await arriving
     assert arrived == {"early00000", "late000000"}
-    assert seen == [("early00000", 1.5), ("late000000", 3.5)]
+    assert seen == [("early00000", 1.5, "192.0.2.1"), ("late000000", 3.5, "2001:db8::2")]
 
 
 async def test_wait_returns_the_partial_set_at_the_timeout() -> None:
     registry = InMemoryRegistry()
     for token in ("arrives000", "neverarriv"):
         registry.register(token, ttl=60)
-    registry.mark_arrived("arrives000")
+    registry.mark_arrived("arrives000", source=SOURCE)
     seen: list[str] = []
     loop = asyncio.get_running_loop()
     started = loop.time()
     arrived = await registry.wait(
         ["arrives000", "neverarriv"],
         timeout=0.1,
-        on_arrival=lambda token, after_s: seen.append(token),
+        on_arrival=lambda token, after_s, source: seen.append(token),
     )
     assert 0.1 <= loop.time() - started < 2
     assert arrived == {"arrives000"}
@@ -267,12 +271,12 @@ async def test_several_waiters_see_the_same_arrival() -> None:
     registry.register("shared0000", ttl=60)
     waiters = [
         asyncio.create_task(
-            registry.wait(["shared0000"], timeout=5, on_arrival=lambda token, after_s: None)
+            registry.wait(["shared0000"], timeout=5, on_arrival=lambda token, after_s, source: None)
         )
         for _ in range(3)
     ]
     await asyncio.sleep(0)
-    registry.mark_arrived("shared0000")
+    registry.mark_arrived("shared0000", source=SOURCE)
     assert await asyncio.gather(*waiters) == [{"shared0000"}] * 3
 
 
@@ -281,8 +285,20 @@ async def test_wait_ignores_arrivals_of_other_tokens() -> None:
     registry.register("mine000000", ttl=60)
     registry.register("theirs0000", ttl=60)
     waiting = asyncio.create_task(
-        registry.wait(["mine000000"], timeout=0.1, on_arrival=lambda token, after_s: None)
+        registry.wait(["mine000000"], timeout=0.1, on_arrival=lambda token, after_s, source: None)
     )
     await asyncio.sleep(0)
-    registry.mark_arrived("theirs0000")
+    registry.mark_arrived("theirs0000", source=SOURCE)
     assert await waiting == set()
+
+
+def test_message_secrets_are_unforgeable_without_the_registry() -> None:
+    registry, other = InMemoryRegistry(), InMemoryRegistry()
+    secret = registry.message_secret(TOKEN)
+    assert len(secret) == 32 and set(secret) <= set("0123456789abcdef")
+    # Stable for a token, so the sink can check it without storing it...
+    assert registry.message_secret(TOKEN) == secret
+    # ...but different for every token and under every registry's key.
+    assert registry.message_secret("m4n5p6q7r2") != secret
+    assert other.message_secret(TOKEN) != secret
+    assert TOKEN not in secret

@@ -1,20 +1,38 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import os
 import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relayprobe import cli
+from relayprobe.access import RateLimiter, rate_refusal
 from relayprobe.config import (
+    MAX_COUNT,
+    MAX_DAYS,
+    MAX_RATE,
+    MAX_SECONDS,
+    MIN_DAYS,
+    MIN_RATE,
+    MIN_SECONDS,
     ConfigError,
     Endpoint,
     Settings,
     add_options,
     load_settings,
+    parse_count,
+    parse_days,
     parse_endpoint,
+    parse_port,
+    parse_prefix_length,
+    parse_rate,
+    parse_seconds,
 )
 from relayprobe.probes import CLASSIC, EXTENDED, Probe
 
@@ -437,3 +455,140 @@ def test_cli_usage_error_is_one_line_and_exit_2(
     status, lines = run_cli(argv, capsys)
     assert status == 2
     assert len(lines) == 1, lines
+
+
+# (key, value): each is valid TOML too, where 1e400 reads as inf.
+OUT_OF_RANGE = [
+    ("max_sessions", "inf"),
+    ("max_sessions", "1e400"),
+    ("max_sessions", "nan"),
+    ("max_sessions", "2000000"),
+    ("rate_prefix_tests", "-inf"),
+    ("rate_ipv4_prefix", "inf"),
+    ("rate_ipv6_prefix", "1e400"),
+    ("rate_global", "1e-320"),
+    ("rate_global", "0.00001"),
+    ("rate_global", "inf"),
+    ("rate_global", "nan"),
+    ("deadline", "1e-320"),
+    ("reply_timeout", "0.0001"),
+    ("confirm_wait", "1e400"),
+    ("rate_prefix_window", "nan"),
+    ("rate_address_interval", "86401"),
+    ("retention_days", "1e-320"),
+    ("retention_days", "0.01"),
+    ("retention_days", "inf"),
+]
+
+
+def assert_one_line_exit_2(status: int, lines: list[str], named: str) -> None:
+    assert status == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"relayprobe serve: {named}: expected "), lines
+    assert "Traceback" not in lines[0]
+
+
+@pytest.mark.usefixtures("clean_environment")
+@pytest.mark.parametrize(("key", "value"), OUT_OF_RANGE)
+def test_cli_out_of_range_number_by_option_is_one_line_and_exit_2(
+    key: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flag = "--" + key.replace("_", "-")
+    status, lines = run_cli(["serve", "--check-config", f"{flag}={value}"], capsys)
+    assert_one_line_exit_2(status, lines, flag)
+
+
+@pytest.mark.usefixtures("clean_environment")
+@pytest.mark.parametrize(("key", "value"), OUT_OF_RANGE)
+def test_cli_out_of_range_number_by_environment_is_one_line_and_exit_2(
+    key: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(f"RELAYPROBE_{key.upper()}", value)
+    status, lines = run_cli(["serve", "--check-config"], capsys)
+    assert_one_line_exit_2(status, lines, f"RELAYPROBE_{key.upper()}")
+
+
+@pytest.mark.usefixtures("clean_environment")
+@pytest.mark.parametrize(
+    ("key", "value"), [*OUT_OF_RANGE, ("max_sessions", "9" * 400), ("rate_global", "-" + "9" * 400)]
+)
+def test_cli_out_of_range_number_in_a_file_is_one_line_and_exit_2(
+    key: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(tmp_path, f"{key} = {value}\n")
+    status, lines = run_cli(["serve", "--check-config", "--config", config], capsys)
+    assert_one_line_exit_2(status, lines, f"config file {config}: {key}")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_sessions", "1"),
+        ("max_sessions", str(MAX_COUNT)),
+        ("rate_ipv6_prefix", "128"),
+        ("rate_global", str(MIN_RATE)),
+        ("rate_global", "1e6"),
+        ("deadline", "0.001"),
+        ("rate_prefix_window", "86400"),
+        ("retention_days", str(MIN_DAYS)),
+        ("retention_days", "100000"),
+    ],
+)
+def test_the_bounds_themselves_are_accepted(key: str, value: str) -> None:
+    settings = load_settings({}, environ={f"RELAYPROBE_{key.upper()}": value})
+    assert getattr(settings, key) == float(value)
+
+
+NUMERIC_PARSERS = [
+    (parse_seconds, MIN_SECONDS, MAX_SECONDS),
+    (parse_rate, MIN_RATE, MAX_RATE),
+    (parse_days, MIN_DAYS, MAX_DAYS),
+    (parse_count, 1, MAX_COUNT),
+    (parse_prefix_length(32), 1, 32),
+    (parse_prefix_length(128), 1, 128),
+    (parse_port, 1, 65535),
+]
+# What a TOML file, a variable or an option can hand a parser: floats of every kind (and their
+# text), and integers of any size.
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+)
+
+
+@given(number=numbers, as_text=st.booleans())
+def test_numeric_parsers_return_a_finite_value_in_range_or_raise_value_error(
+    number: float, as_text: bool
+) -> None:
+    raw = str(number) if as_text else number
+    for parse, low, high in NUMERIC_PARSERS:
+        try:
+            value = parse(raw)
+        except ValueError:
+            continue
+        assert math.isfinite(value)
+        assert low <= value <= high
+
+
+def test_the_slowest_global_rate_gives_a_wait_a_caller_can_read() -> None:
+    limiter = RateLimiter(
+        per_address_interval=0,
+        prefix_window=0,
+        global_per_second=parse_rate(str(MIN_RATE)),
+        global_burst=1,
+        clock=lambda: 0.0,
+    )
+    assert limiter.check(ipaddress.ip_address("192.0.2.1")).allowed
+    refused = limiter.check(ipaddress.ip_address("192.0.2.2"))
+    assert not refused.allowed
+    waited = re.fullmatch(r".* try again in (\d+) s", rate_refusal(refused).message)
+    assert waited is not None
+    assert 86400 <= int(waited[1]) <= 86401
+
+
+def test_a_nul_in_the_state_dir_is_refused(tmp_path: Path) -> None:
+    # Only a TOML file can hold one (\u0000); at start, the OS call would raise a ValueError.
+    config = write(tmp_path, 'state_dir = "/var/lib/relay\\u0000probe"\n')
+    with pytest.raises(ConfigError, match="state_dir: a path cannot hold a NUL"):
+        load_settings({"config": config}, environ={})

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from relayprobe import engine
 from relayprobe.engine import RelayTestOptions, run_relay_test
-from relayprobe.events import Event, Outcome, Summary
+from relayprobe.events import Event, Outcome, Received, Summary
 from relayprobe.fakemx import (
     SILENCE,
     FakeMailServer,
@@ -296,6 +297,32 @@ async def test_long_reply_is_cut_with_a_note(start_server: StartServer) -> None:
     assert ":261 more reply lines not shown" in run.transcript
     assert "<<< 250-EXT39" in run.transcript
     assert "<<< 250-EXT40" not in run.transcript
+
+
+class FloodsEveryReply(FakeMailServer):
+    """Every reply is 25 lines of 1,200 escape bytes, as a hostile server's could be."""
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        reply = super().reply(line, session)
+        if reply is None or reply is SILENCE:
+            return reply
+        code = reply[:3]
+        flood = b"\x1b" * 1200
+        return b"\r\n".join([code + b"-" + flood] * 24 + [code + b" " + flood])
+
+
+async def test_reply_text_shown_per_test_is_bounded(start_server: StartServer) -> None:
+    """Fails before the fix: every one of ~60 replies showed 25 lines of 4,000 characters."""
+    run = await run_test(await start_server(FloodsEveryReply()))
+    shown = sum(len(event.line) for event in run.events if isinstance(event, Received))
+    # The budget, the one reply that crosses it, then a short first line per reply.
+    crossing = engine.MAX_REPLY_LINES * 1100
+    assert shown < engine.MAX_REPLY_CHARS + crossing + 100 * (engine.CUT_REPLY_CHARS + 40)
+    assert ":Over 64 KiB of replies shown: from here on only the first line of each" in (
+        run.transcript
+    )
+    assert len(run.summary.probes) == 20
+    assert run.summary.verdict == "rejected"
 
 
 class CountsErrorsLikePostfix(FakeMailServer):

@@ -105,15 +105,14 @@ def test_sink_deliveries_are_counted() -> None:
     assert value(metrics, "relayprobe_sink_deliveries_total") == 1
 
 
-def test_session_gauge_follows_open_sessions_even_when_they_fail() -> None:
+def test_session_gauge_follows_opened_and_closed_sessions() -> None:
     metrics = Metrics()
-    with metrics.session():
-        assert value(metrics, "relayprobe_active_sessions") == 1
-        with metrics.session():
-            assert value(metrics, "relayprobe_active_sessions") == 2
-        assert value(metrics, "relayprobe_active_sessions") == 1
-    with pytest.raises(ConnectionResetError), metrics.session():
-        raise ConnectionResetError
+    metrics.session_opened()
+    metrics.session_opened()
+    assert value(metrics, "relayprobe_active_sessions") == 2
+    metrics.session_closed()
+    assert value(metrics, "relayprobe_active_sessions") == 1
+    metrics.session_closed()
     assert value(metrics, "relayprobe_active_sessions") == 0
 
 

@@ -25,7 +25,8 @@ from relayprobe.app import Application
 from relayprobe.config import Endpoint, Settings
 from relayprobe.fakemx import FakeMailServer
 from relayprobe.metrics import REFUSAL_REASONS, VERDICTS
-from relayprobe.store import HistoryStore
+from relayprobe.server import StartupError
+from relayprobe.store import DATABASE_NAME, HistoryStore
 from tests.infra.haproxy import free_port
 
 VERDICT_LINE = "System appeared to reject relay attempts"
@@ -492,3 +493,49 @@ async def test_history_is_readable_after_the_service_is_killed_mid_test(
     dumped = await relayprobe("history", "--json", "--state-dir", str(state_dir))
     assert dumped.returncode == 0, dumped.stderr
     assert [result["target"] for result in json.loads(dumped.stdout)] == [finished]
+
+
+async def test_an_unwritable_state_dir_fails_the_start_unless_history_is_off(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("")
+    state_dir = str(tmp_path / "file" / "state")
+    with pytest.raises(StartupError) as raised:
+        async with running_app(history=True, state_dir=state_dir):
+            pytest.fail("the service started without a usable history")
+    assert raised.value.strerror.startswith(f"history: cannot write in {state_dir}: ")
+    async with running_app(history=False, state_dir=state_dir) as app:
+        assert app.ready()
+
+
+def one_line_of_error(completed: Completed) -> str:
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stdout == ""
+    assert "Traceback" not in completed.stderr
+    [line] = completed.stderr.splitlines()
+    return line
+
+
+async def test_serve_with_an_unwritable_state_dir_says_so_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    state_dir = tmp_path / "file" / "state"
+    listen = str(Endpoint("127.0.0.1", free_port("127.0.0.1")))
+    served = await relayprobe("serve", "--listen", listen, "--state-dir", str(state_dir))
+    assert one_line_of_error(served) == (
+        f"relayprobe serve: history: cannot write in {state_dir}: Not a directory; give"
+        " --state-dir a directory the service may write, or --no-history"
+    )
+
+
+@pytest.mark.parametrize("layout", ["under a file", "database is a directory", "not a database"])
+async def test_history_of_a_bad_state_dir_says_so_in_one_line(tmp_path: Path, layout: str) -> None:
+    state_dir = tmp_path
+    if layout == "under a file":
+        (tmp_path / "file").write_text("")
+        state_dir = tmp_path / "file" / "state"
+    elif layout == "database is a directory":
+        (tmp_path / DATABASE_NAME).mkdir()
+    else:
+        (tmp_path / DATABASE_NAME).write_text("not SQLite\n" * 100)
+    listing = await relayprobe("history", "--state-dir", str(state_dir))
+    assert one_line_of_error(listing).startswith("relayprobe history: ")

@@ -78,7 +78,14 @@ SUMMARY = Summary(
         (Received("250 Ok"), ("<<< 250 Ok",)),
         (ProbeStarted("Test 19"), (":Relay test: #Test 19",)),
         (Progress("Reconnecting after 421"), (":Reconnecting after 421",)),
-        (Relayed("Test 8", 2.345), (":Relayed: Test 8 arrived after 2.3 s",)),
+        (
+            Relayed("Test 8", 2.345, "192.0.2.7"),
+            (":Relayed: Test 8 arrived after 2.3 s from 192.0.2.7",),
+        ),
+        (
+            Relayed("Test 3", 0.4, "2001:db8::7"),
+            (":Relayed: Test 3 arrived after 0.4 s from 2001:db8::7",),
+        ),
         (SUMMARY, SUMMARY.lines),
         (TEST_8, ()),
     ],

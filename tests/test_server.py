@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from relayprobe.canary import InMemoryRegistry
 from relayprobe.config import Endpoint, Settings
-from relayprobe.fakemx import FakeMailServer, SessionState, relays_nothing
+from relayprobe.fakemx import FakeMailServer, SessionState, relays_everything, relays_nothing
 from relayprobe.server import (
     BUSY,
-    MAX_OUTPUT_BYTES,
+    CALLER_SEND_BUFFER,
     ReflectorService,
     TelnetSession,
     target_address,
 )
-from relayprobe.telnet import IAC, IP
+from relayprobe.telnet import DO, IAC, IP, NO_OPERATION, TIMING_MARK
 
 from .conftest import StartServer
 from .infra.haproxy import free_port
@@ -138,6 +143,19 @@ async def test_caller_leaving_stops_the_test_within_a_second(
     assert not svc.tasks
 
 
+async def _largest_output_until_ended(svc: ReflectorService, *, seconds: float) -> int:
+    """The most output the service held unsent for its callers, until they are gone."""
+    largest = 0
+    for _ in range(round(seconds * 100)):
+        await asyncio.sleep(0.01)
+        for session in svc.sessions.values():
+            if session.transport is not None:
+                largest = max(largest, session.transport.get_write_buffer_size())
+        if not svc.sessions:
+            break
+    return largest
+
+
 class Verbose(FakeMailServer):
     """Every reply is 40 lines of 1,000 bytes that all need escaping: lots of output."""
 
@@ -158,16 +176,9 @@ async def test_slow_reader_is_ended_and_others_keep_streaming(
     _, stuck_writer = await asyncio.open_connection(endpoint.host, endpoint.port, limit=1024)
     # Keep our receive window tiny so the service's output piles up on its side.
     stuck_writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    largest = 0
-    for _ in range(200):
-        await asyncio.sleep(0.01)
-        for session in svc.sessions.values():
-            if session.transport is not None:
-                largest = max(largest, session.transport.get_write_buffer_size())
-        if not svc.sessions:
-            break
+    largest = await _largest_output_until_ended(svc, seconds=2.0)
     assert not svc.sessions, "the stuck session should have been ended"
-    assert largest <= MAX_OUTPUT_BYTES + 16 * 1024
+    assert largest <= svc.settings.caller_output_bytes + 16 * 1024
     other = await call(endpoint)
     assert "System appeared to reject relay attempts" in other
     stuck_writer.close()
@@ -339,3 +350,259 @@ async def test_ipv4_mapped_caller_is_tested_at_its_ipv4_address(service: Service
         await mail.stop()
     assert lines[0] == "Connecting to 127.0.0.6 ..."
     assert "System appeared to reject relay attempts" in lines
+
+
+# Hostile and careless callers (each of these failed before the hardening that added it)
+
+
+class _FakeTransport(asyncio.Transport):
+    """Just enough of a transport to drive a TelnetSession's callbacks in any order."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        super().__init__()
+        self.peer = peer
+        self.written = bytearray()
+        self.closing = False
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": self.peer}.get(name, default)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+
+def active_sessions(svc: ReflectorService) -> float:
+    return svc.metrics.registry.get_sample_value("relayprobe_active_sessions") or 0.0
+
+
+@pytest.mark.parametrize("hang_up", ["connection_lost", "eof_received", "interrupt"])
+async def test_caller_gone_before_its_test_started_frees_its_slot(
+    start_server: StartServer, service: Service, hang_up: str
+) -> None:
+    """A port scanner's connect-and-close: the task is cancelled before its first step."""
+    mail = FakeMailServer()
+    svc, endpoint = await service(await start_server(mail), max_sessions=3)
+    for number in range(10):
+        session = TelnetSession(svc, 1000 + number)
+        session.connection_made(_FakeTransport(("127.0.0.9", 40000 + number)))
+        if hang_up == "interrupt":
+            session.data_received(bytes([IAC, IP]))
+        if hang_up == "eof_received":
+            session.eof_received()
+        session.connection_lost(None)
+    await asyncio.sleep(0.05)
+    assert svc.sessions == {}
+    assert not svc.tasks
+    assert active_sessions(svc) == 0
+    assert "System appeared to reject relay attempts" in await call(endpoint)
+
+
+async def test_connect_and_close_from_many_addresses_leaks_nothing(
+    start_server: StartServer, service: Service
+) -> None:
+    svc, endpoint = await service(await start_server(FakeMailServer()), max_sessions=3)
+    for number in range(30):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((f"127.0.{number // 250 + 20}.{number % 250 + 1}", 0))
+        with contextlib.suppress(BlockingIOError):
+            sock.connect((endpoint.host, endpoint.port))
+        if number % 2:  # a reset, as nmap's SYN scan and `nc -z` with linger 0 leave it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if not svc.sessions:
+            break
+    assert svc.sessions == {}
+    assert active_sessions(svc) == 0
+    assert "System appeared to reject relay attempts" in await call(endpoint)
+
+
+async def _half_closed_call(
+    endpoint: Endpoint,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    writer.write_eof()  # what `nc -N` and `echo | nc -N` do
+    return reader, writer
+
+
+async def test_half_closed_caller_gets_the_whole_transcript(
+    start_server: StartServer, service: Service
+) -> None:
+    _, endpoint = await service(await start_server(FakeMailServer()))
+    reader, writer = await _half_closed_call(endpoint)
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    lines = data.replace(NO_OPERATION, b"").decode().split("\r\n")
+    assert lines[0] == "Connecting to 127.0.0.1 ..."
+    assert sum(line.startswith(":Relay test: #") for line in lines) == 20
+    assert lines[-3:-1] == [
+        "System appeared to reject relay attempts",
+        "Note: delivery confirmation is off: no canary sink configured (sink_listen)",
+    ]
+
+
+async def test_hang_up_after_half_close_stops_the_test_within_a_second(
+    start_server: StartServer, service: Service
+) -> None:
+    mail = FakeMailServer(reply_delay=0.1)
+    _, endpoint = await service(await start_server(mail))
+    reader, writer = await _half_closed_call(endpoint)
+    await asyncio.wait_for(reader.readuntil(b":Relay test: #Test 2\r\n"), 5)
+    mail.closed.clear()
+    writer.close()
+    left = time.monotonic()
+    await asyncio.wait_for(mail.closed.wait(), 1.0)
+    assert time.monotonic() - left < 1.0
+    assert mail.commands[-1] == b"QUIT"
+    assert sum(command.startswith(b"MAIL") for command in mail.commands) <= 4
+
+
+class _NeverDelivers(FakeMailServer):
+    """Says 250 to every probe and keeps the test messages: the test waits for them in vain."""
+
+    def __init__(self) -> None:
+        super().__init__(relay=relays_everything)
+
+
+@pytest.mark.parametrize("half_closed", [False, True], ids=["hang-up", "half-close, hang-up"])
+async def test_hang_up_while_waiting_for_test_messages_ends_within_a_second(
+    start_server: StartServer, half_closed: bool
+) -> None:
+    port = await start_server(_NeverDelivers())
+    settings = dataclasses.replace(
+        Settings(),
+        listen=(Endpoint("127.0.0.1", 0),),
+        target_port=port,
+        reply_timeout=2.0,
+        rate_limit=False,
+        confirm_wait=20.0,
+    )
+    svc = ReflectorService(settings, registry=InMemoryRegistry())
+    (endpoint,) = await svc.start()
+    try:
+        if half_closed:
+            reader, writer = await _half_closed_call(endpoint)
+        else:
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        await asyncio.wait_for(reader.readuntil(b":Waiting up to 20 s for relayed test"), 10)
+        await asyncio.sleep(0.3)  # the test is silent now
+        writer.close()
+        left = time.monotonic()
+        while svc.sessions and time.monotonic() - left < 2:
+            await asyncio.sleep(0.01)
+        assert not svc.sessions
+        assert time.monotonic() - left < 1.0
+    finally:
+        await svc.shutdown(grace=1.0)
+
+
+async def test_telnet_byte_flood_is_cut_off_and_others_are_served(
+    start_server: StartServer, service: Service
+) -> None:
+    mail = FakeMailServer(reply_delay=0.05)
+    _, endpoint = await service(await start_server(mail))
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    flood = bytes([IAC, IAC]) * 32 * 1024
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2):
+            for _ in range(16):  # 1 MiB at most; the service stops reading long before
+                writer.write(flood)
+                await writer.drain()
+    notice = await asyncio.wait_for(reader.readuntil(b"hang up to stop\r\n"), 5)
+    assert b":Ignoring your input from now on (over 16384 bytes); hang up to stop" in notice
+    assert "System appeared to reject relay attempts" in await call(endpoint)
+    writer.close()
+
+
+async def test_timing_mark_replies_count_against_the_output_cap(
+    start_server: StartServer, service: Service
+) -> None:
+    cap = 64 * 1024
+    svc, endpoint = await service(
+        await start_server(FakeMailServer(reply_delay=0.2)),
+        caller_input_bytes=1_000_000,
+        caller_input_rate=1_000_000.0,
+        caller_output_bytes=cap,
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((endpoint.host, endpoint.port))
+    sock.setblocking(False)
+    ask = bytes([IAC, DO, TIMING_MARK]) * 100_000  # asks for 300 KB of replies, never read
+    sending = asyncio.create_task(asyncio.get_running_loop().sock_sendall(sock, ask))
+    largest = await _largest_output_until_ended(svc, seconds=1.0)
+    sending.cancel()
+    sock.close()
+    assert not svc.sessions, "a caller that asks for replies and never reads them is cut off"
+    assert largest <= cap + 16 * 1024
+
+
+def _send_queue(svc: ReflectorService) -> int:
+    """Bytes the kernel holds unacknowledged for the service's callers, all together."""
+    total = 0
+    for session in svc.sessions.values():
+        if session.transport is not None:
+            fileno = session.transport.get_extra_info("socket").fileno()
+            total += struct.unpack("i", fcntl.ioctl(fileno, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return total
+
+
+async def test_non_reading_caller_pins_little_kernel_memory(
+    start_server: StartServer, service: Service
+) -> None:
+    """Before: the kernel grew the caller's send buffer to megabytes, under our output cap."""
+    svc, endpoint = await service(await start_server(Verbose()))
+    _, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    largest = 0
+    for _ in range(300):
+        await asyncio.sleep(0.01)
+        largest = max(largest, _send_queue(svc))
+        if not svc.sessions:
+            break
+    assert largest <= 2 * CALLER_SEND_BUFFER + 64 * 1024
+    writer.close()
+
+
+async def test_non_reading_caller_is_reset_after_the_write_timeout(
+    start_server: StartServer, service: Service
+) -> None:
+    """Output the kernel still held after the test was abandoned with the socket (before)."""
+    svc, endpoint = await service(
+        await start_server(FakeMailServer(hostname="mx." + "x" * 200 + ".test")),
+        caller_write_timeout=1.0,
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect((endpoint.host, endpoint.port))
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if not svc.sessions:
+            break
+    assert not svc.sessions
+    await asyncio.sleep(2.5)  # the write timeout, and the kernel's next window probe
+    sock.settimeout(2)
+    with pytest.raises(ConnectionResetError):
+        while sock.recv(65536):
+            pass
+    sock.close()

@@ -440,21 +440,39 @@ def read_only_dir() -> Iterator[Path]:
             directory.chmod(0o700)
 
 
-@pytest.mark.parametrize("subdirectory", ["", "state"])
-async def test_read_only_state_dir_is_logged_not_raised(
-    read_only_dir: Path, subdirectory: str, logs: list[MutableMapping[str, Any]]
+@pytest.mark.parametrize(
+    ("subdirectory", "error"),
+    [("", "unable to open database file"), ("state", "Permission denied")],
+)
+async def test_read_only_state_dir_fails_the_start(
+    read_only_dir: Path, subdirectory: str, error: str
 ) -> None:
     writer = HistoryWriter(state_dir=read_only_dir / subdirectory)
     # Imports the executor's module now: `nobody` may not read the interpreter's files.
     await asyncio.to_thread(int)
-    with unprivileged():
+    with unprivileged(), pytest.raises((sqlite3.Error, OSError), match=error):
         await writer.start()
-        writer.submit(make_result())
-        await writer.stop()
 
-    assert [entry["event"] for entry in logs] == ["history.prune_failed", "history.save_failed"]
-    assert {entry["log_level"] for entry in logs} == {"error"}
     assert list(read_only_dir.iterdir()) == []
+
+
+async def test_read_only_database_fails_the_start(read_only_dir: Path) -> None:
+    # Where the directory may be written but the database may not (restored from a backup as
+    # root, say), SQLite opens it read-only without a word: only a write tells.
+    read_only_dir.chmod(0o777)
+    HistoryStore(read_only_dir).close()
+    (read_only_dir / DATABASE_NAME).chmod(0o444)
+    writer = HistoryWriter(state_dir=read_only_dir)
+    await asyncio.to_thread(int)
+    with unprivileged(), pytest.raises(sqlite3.OperationalError, match="readonly database"):
+        await writer.start()
+
+
+async def test_state_dir_under_a_file_fails_the_start_even_for_root(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    writer = HistoryWriter(state_dir=tmp_path / "file" / "state")
+    with pytest.raises(NotADirectoryError):
+        await writer.start()
 
 
 LOOPING_WRITER = """

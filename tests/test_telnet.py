@@ -50,7 +50,36 @@ def test_netkit_greeting_is_refused_once() -> None:
 
 
 def test_plain_text_gives_nothing() -> None:
-    assert TelnetInput().feed(b"hello\r\nquit\r\n") == TelnetFeedResult(interrupt=None, reply=b"")
+    assert TelnetInput().feed(b"hello\r\nquite\r\nquit?\r\n") == TelnetFeedResult(
+        interrupt=None, reply=b""
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"quit\r\n", b"QUIT\r\0", b"  Quit \n", b"hello\r\nquit\r", b"\xff\xfb\x18quit\r\n"],
+)
+def test_a_line_saying_quit_stops_the_test(data: bytes) -> None:
+    assert TelnetInput().feed(data).interrupt == Interrupt(InterruptCause.QUIT)
+
+
+def test_quit_typed_a_character_at_a_time_stops_the_test() -> None:
+    parser = TelnetInput()
+    assert not any(parser.feed(bytes([byte])).interrupted for byte in b"quit")
+    assert parser.feed(b"\r").interrupt == Interrupt(InterruptCause.QUIT)
+
+
+@pytest.mark.parametrize(
+    "data", [b"please quit\r\n", b"quit" + b" " * 20 + b"x\r\n", b"q\xff\xffuit\r\n"]
+)
+def test_quit_inside_a_longer_line_is_not_quit(data: bytes) -> None:
+    assert not TelnetInput().feed(data).interrupted
+
+
+def test_literal_ff_flood_then_interrupt() -> None:
+    parser = TelnetInput()
+    assert not parser.feed(b"\xff\xff" * 100_000).interrupted
+    assert parser.feed(b"\xff\xff\xff\xf4").interrupt == Interrupt(InterruptCause.INTERRUPT_PROCESS)
 
 
 @pytest.mark.parametrize("verb", [0xFC, 0xFE], ids=["WONT", "DONT"])
