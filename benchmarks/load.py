@@ -209,12 +209,12 @@ def fake_mail_process(count: int) -> Iterator[tuple[subprocess.Popen[str], int]]
         _stop(process)
 
 
-def _service_environment() -> dict[str, str]:
+def service_environment() -> dict[str, str]:
     """This environment without RELAYPROBE_* settings, so the options below are all it gets."""
     return {name: value for name, value in os.environ.items() if not name.startswith("RELAYPROBE_")}
 
 
-def _wait_until_listening(process: subprocess.Popen[str], log_path: Path) -> None:
+def wait_until_listening(process: subprocess.Popen[str], log_path: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         log = log_path.read_text(errors="replace")
@@ -254,14 +254,14 @@ def reflector_process(
         process = subprocess.Popen(
             command,
             cwd=REPOSITORY,
-            env=_service_environment(),
+            env=service_environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
             text=True,
         )
     try:
-        _wait_until_listening(process, log_path)
+        wait_until_listening(process, log_path)
         yield process, port
     finally:
         process.terminate()
