@@ -30,7 +30,9 @@ from relayprobe.render import Transcript, json_result
 from relayprobe.server import StartupError
 from relayprobe.store import DATABASE_NAME, HistoryStore, format_entry, format_table
 
-EXIT_BY_VERDICT = {"rejected": 0, "accepted": 1, "relayed": 1, "incomplete": 3}
+# An accepted probe is not an open relay until a test message arrives: "accepted" has a status
+# of its own, so that a script never calls an unproven server open (the qmail case).
+EXIT_BY_VERDICT = {"rejected": 0, "relayed": 1, "incomplete": 3, "accepted": 4}
 EXIT_USAGE = 2
 
 
@@ -51,7 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"relayprobe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    check = commands.add_parser("check", help="test one mail server now")
+    check = commands.add_parser(
+        "check",
+        help="test one mail server now",
+        description="Test one mail server now. Exit status: 0 every relay attempt refused, "
+        "1 relay proven by delivery, 2 usage error, 3 test incomplete, 4 relay attempts "
+        "accepted but not proven (delivery confirmation off, or no test message arrived).",
+    )
     check.add_argument(
         "target", metavar="TARGET", help="IP address or host name of the mail server"
     )

@@ -21,7 +21,7 @@ from typing import Any
 from relayprobe.access import parse_network
 from relayprobe.engine import RelayTestOptions
 from relayprobe.hostname import is_hostname
-from relayprobe.probes import SUITES, Probe, build_suite
+from relayprobe.probes import SUITES, AddressForm, Probe, build_suite
 from relayprobe.sinklimits import SinkLimits
 
 ENV_PREFIX = "RELAYPROBE_"
@@ -567,11 +567,14 @@ class Settings:
     )
 
     def confirmation_off_reason(self) -> str | None:
-        """Why delivery confirmation is off, or None when it is on."""
+        """Why delivery confirmation is off, and how to turn it on; None when it is on."""
         if not self.confirm:
-            return "turned off by the operator"
+            return "turned off by the operator (confirm = false)"
         if self.sink_listen is None:
-            return "no canary sink configured (sink_listen)"
+            return (
+                "no canary sink configured; to prove relaying, run one (--sink-listen ADDR:PORT) "
+                f"and point the MX of {self.test_domain} at it"
+            )
         return None
 
     def sink_limits(self) -> SinkLimits:
@@ -609,14 +612,27 @@ class Settings:
         )
 
 
+_PROBE_KEYS = frozenset({"name", "mail_from", "rcpt_to"})
+_FORMS = {form.value: form for form in AddressForm}
+
+
 def _parse_probes(value: object) -> tuple[Probe, ...]:
     if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
         raise ValueError("expected [[probes]] tables with name, mail_from and rcpt_to")
+    probes = []
     for entry in value:
-        unknown = set(entry) - {"name", "mail_from", "rcpt_to"}
-        if unknown or len(entry) != 3 or not all(isinstance(v, str) for v in entry.values()):
-            raise ValueError(f"each probe needs text name, mail_from and rcpt_to only: {entry!r}")
-    return tuple(Probe(entry["name"], entry["mail_from"], entry["rcpt_to"]) for entry in value)
+        keys = set(entry)
+        if not _PROBE_KEYS <= keys <= {*_PROBE_KEYS, "form"} or not all(
+            isinstance(v, str) for v in entry.values()
+        ):
+            raise ValueError(
+                f"each probe needs text name, mail_from and rcpt_to, and may have a form: {entry!r}"
+            )
+        form = entry.get("form", AddressForm.PLAIN.value)
+        if form not in _FORMS:
+            raise ValueError(f"unknown form {form!r} (known: {', '.join(_FORMS)})")
+        probes.append(Probe(entry["name"], entry["mail_from"], entry["rcpt_to"], _FORMS[form]))
+    return tuple(probes)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

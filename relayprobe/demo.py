@@ -19,10 +19,15 @@ from relayprobe.config import Endpoint, Settings
 from relayprobe.fakemx import FakeMailServer, relays_everything, relays_like_qmail, relays_nothing
 from relayprobe.server import ReflectorService
 
+# Each server's description is the subject of the caption "<description> listens on ADDR:PORT."
 CALLERS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("127.0.0.2", "a closed mail server", {"relay": relays_nothing}),
-    ("127.0.0.3", "an open relay", {"relay": relays_everything}),
-    ("127.0.0.4", "a qmail-like server: 250 at RCPT, never delivers", {"relay": relays_like_qmail}),
+    ("127.0.0.2", "A closed mail server", {"relay": relays_nothing}),
+    ("127.0.0.3", "An open relay, which passes mail on,", {"relay": relays_everything}),
+    (
+        "127.0.0.4",
+        "A qmail-like server, which says 250 at RCPT and never delivers,",
+        {"relay": relays_like_qmail},
+    ),
 )
 # Bounds the demo's own caller: the service ends each test far sooner.
 CALLER_TIMEOUT = 60.0
@@ -35,10 +40,10 @@ async def _start_mail_servers(sink: Endpoint) -> tuple[int, list[FakeMailServer]
         servers = [
             FakeMailServer(
                 hostname=f"mx{n}.demo.test",
-                forward_to=(sink.host, sink.port) if what == "an open relay" else None,
+                forward_to=(sink.host, sink.port) if options["relay"] is relays_everything else None,
                 **options,
             )
-            for n, (_, what, options) in enumerate(CALLERS, 2)
+            for n, (_, _, options) in enumerate(CALLERS, 2)
         ]
         port = 0
         try:
@@ -86,7 +91,7 @@ async def run_demo(settings: Settings, *, show: Callable[[str], None] = print) -
             (endpoint,) = await service.start()
             for source, what, _ in CALLERS:
                 command = f"telnet -b {source} {endpoint.host} {endpoint.port}"
-                show(f"$ {command}    # {what} listens on {source}:{port}")
+                show(f"$ {command}    # {what} listens on {source}:{port}.")
                 for line in await telnet_call(endpoint, source=source):
                     show(line)
                 show("Connection closed by foreign host.")

@@ -315,10 +315,10 @@ class _RelayTest:
                 then = "retrying on a fresh session" if attempt == 1 else "giving up on this probe"
                 self._progress(f"{lost} during {probe.name}; {then}")
                 continue
-            self._finish(probe.name, mail_from, rcpt_to, outcome, reply)
+            self._finish(probe, mail_from, rcpt_to, outcome, reply)
             await self._after_answer(probe.name, mail_from, rcpt_to, token, context, outcome)
             return
-        self._finish(probe.name, mail_from, rcpt_to, Outcome.ERROR, lost)
+        self._finish(probe, mail_from, rcpt_to, Outcome.ERROR, lost)
 
     async def _exchange(self, mail_from: str, rcpt_to: str) -> tuple[Outcome, str]:
         reply = await self._command(f"MAIL FROM:{mail_from}", lost_on_421=True)
@@ -410,9 +410,9 @@ class _RelayTest:
         return Confirmation(sent=tuple(by_token.values()), arrived=tuple(relayed), wait_s=wait)
 
     def _finish(
-        self, name: str, mail_from: str, rcpt_to: str, outcome: Outcome, reply: str
+        self, probe: Probe, mail_from: str, rcpt_to: str, outcome: Outcome, reply: str
     ) -> None:
-        finished = ProbeFinished(name, mail_from, rcpt_to, outcome, reply)
+        finished = ProbeFinished(probe.name, mail_from, rcpt_to, outcome, reply, probe.form)
         self.results.append(finished)
         self.emit(finished)
 
@@ -426,7 +426,9 @@ class _RelayTest:
             if probe.name not in done:
                 mail_from, rcpt_to = render(probe.mail_from, values), render(probe.rcpt_to, values)
                 self.results.append(
-                    ProbeFinished(probe.name, mail_from, rcpt_to, Outcome.ERROR, "not tried")
+                    ProbeFinished(
+                        probe.name, mail_from, rcpt_to, Outcome.ERROR, "not tried", probe.form
+                    )
                 )
 
     # Commands

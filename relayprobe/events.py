@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from relayprobe.probes import AddressForm
+
 
 class Outcome(StrEnum):
     REJECTED = "rejected"
@@ -57,6 +59,7 @@ class ProbeFinished:
     rcpt_to: str
     outcome: Outcome
     reply: str
+    form: AddressForm = AddressForm.PLAIN
 
 
 @dataclass(frozen=True, slots=True)

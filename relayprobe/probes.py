@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 PLACEHOLDERS = frozenset({"host", "ip", "dom", "foreign", "rcpt"})
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -16,11 +17,28 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _COMMAND_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
+class AddressForm(StrEnum):
+    """The form of a probe's recipient.
+
+    Every form but PLAIN is one that qmail and some other servers accept at RCPT when the part
+    after the last `@` is their own, and then bounce: a 250 to it proves nothing until the test
+    message arrives.
+    """
+
+    PLAIN = "plain"
+    PERCENT_HACK = "%-hack"
+    BANG_PATH = "bang path"
+    QUOTED = "quoted local part"
+    SOURCE_ROUTE = "source route"
+    TWO_AT = "two @ signs"
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
     name: str
     mail_from: str
     rcpt_to: str
+    form: AddressForm = AddressForm.PLAIN
 
     def __post_init__(self) -> None:
         # The name is shown in the transcript: keep it a short line of plain text.
@@ -70,8 +88,11 @@ def address_literal(ip: str) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
+_PERCENT, _BANG, _QUOTED = AddressForm.PERCENT_HACK, AddressForm.BANG_PATH, AddressForm.QUOTED
+_ROUTE, _TWO_AT = AddressForm.SOURCE_ROUTE, AddressForm.TWO_AT
+
 CLASSIC: tuple[Probe, ...] = (
-    Probe("Quote test", "<spamtest@{host}>", '<"{rcpt}@{dom}">'),
+    Probe("Quote test", "<spamtest@{host}>", '<"{rcpt}@{dom}">', _QUOTED),
     Probe("Test 1", "<nobody@{dom}>", "<{rcpt}@{dom}>"),
     Probe("Test 2", "<spamtest@{foreign}>", "<{rcpt}@{dom}>"),
     Probe("Test 3", "<spamtest@localhost>", "<{rcpt}@{dom}>"),
@@ -79,31 +100,31 @@ CLASSIC: tuple[Probe, ...] = (
     Probe("Test 5", "<>", "<{rcpt}@{dom}>"),
     Probe("Test 6", "<spamtest@{host}>", "<{rcpt}@{dom}>"),
     Probe("Test 7", "<spamtest@{ip}>", "<{rcpt}@{dom}>"),
-    Probe("Test 8", "<spamtest@{host}>", "<{rcpt}%{dom}@{host}>"),
-    Probe("Test 9", "<spamtest@{host}>", "<{rcpt}%{dom}@{ip}>"),
-    Probe("Test 10", "<spamtest@{host}>", '<"{rcpt}@{dom}">'),
-    Probe("Test 11", "<spamtest@{host}>", '<"{rcpt}%{dom}">'),
+    Probe("Test 8", "<spamtest@{host}>", "<{rcpt}%{dom}@{host}>", _PERCENT),
+    Probe("Test 9", "<spamtest@{host}>", "<{rcpt}%{dom}@{ip}>", _PERCENT),
+    Probe("Test 10", "<spamtest@{host}>", '<"{rcpt}@{dom}">', _QUOTED),
+    Probe("Test 11", "<spamtest@{host}>", '<"{rcpt}%{dom}">', _QUOTED),
     # The stray quote is in the original service's list; servers differ in how they parse it.
-    Probe("Test 12", "<spamtest@{ip}>", '<{rcpt}@{dom}@{host}">'),
-    Probe("Test 13", "<spamtest@{host}>", '<"{rcpt}@{dom}"@{ip}>'),
-    Probe("Test 14", "<spamtest@{host}>", "<{rcpt}@{dom}@{ip}>"),
-    Probe("Test 15", "<spamtest@{ip}>", "<@{host}:{rcpt}@{dom}>"),
-    Probe("Test 16", "<spamtest@{host}>", "<@{ip}:{rcpt}@{dom}>"),
-    Probe("Test 17", "<spamtest@{ip}>", "<{dom}!{rcpt}>"),
-    Probe("Test 18", "<spamtest@{host}>", "<{dom}!{rcpt}@{ip}>"),
+    Probe("Test 12", "<spamtest@{ip}>", '<{rcpt}@{dom}@{host}">', _TWO_AT),
+    Probe("Test 13", "<spamtest@{host}>", '<"{rcpt}@{dom}"@{ip}>', _QUOTED),
+    Probe("Test 14", "<spamtest@{host}>", "<{rcpt}@{dom}@{ip}>", _TWO_AT),
+    Probe("Test 15", "<spamtest@{ip}>", "<@{host}:{rcpt}@{dom}>", _ROUTE),
+    Probe("Test 16", "<spamtest@{host}>", "<@{ip}:{rcpt}@{dom}>", _ROUTE),
+    Probe("Test 17", "<spamtest@{ip}>", "<{dom}!{rcpt}>", _BANG),
+    Probe("Test 18", "<spamtest@{host}>", "<{dom}!{rcpt}@{ip}>", _BANG),
     Probe("Test 19", "<postmaster@{host}>", "<{rcpt}@{dom}>"),
 )
 
 # Forms that later testers (nmap's smtp-open-relay, abuse.net) try and the classic list lacks.
 EXTENDED: tuple[Probe, ...] = (
     *CLASSIC,
-    Probe("Test 20", "<spamtest@{host}>", "<{rcpt}@{dom}@{host}>"),
-    Probe("Test 21", "<spamtest@{host}>", "<{dom}!{rcpt}@{host}>"),
+    Probe("Test 20", "<spamtest@{host}>", "<{rcpt}@{dom}@{host}>", _TWO_AT),
+    Probe("Test 21", "<spamtest@{host}>", "<{dom}!{rcpt}@{host}>", _BANG),
     Probe("Test 22", "<spamtest@{host}>", "{rcpt}@{dom}"),
     Probe("Test 23", "<{dom}!spamtest>", "<{rcpt}@{dom}>"),
-    Probe("Test 24", "<spamtest@{host}>", '<"{rcpt}@{dom}"@{host}>'),
-    Probe("Test 25", "<spamtest@{host}>", "<{rcpt}%{dom}>"),
-    Probe("Test 26", "<spamtest@{host}>", "<@{host}:{rcpt}%{dom}>"),
+    Probe("Test 24", "<spamtest@{host}>", '<"{rcpt}@{dom}"@{host}>', _QUOTED),
+    Probe("Test 25", "<spamtest@{host}>", "<{rcpt}%{dom}>", _PERCENT),
+    Probe("Test 26", "<spamtest@{host}>", "<@{host}:{rcpt}%{dom}>", _ROUTE),
     Probe("Test 27", "<spamtest@[127.0.0.1]>", "<{rcpt}@{dom}>"),
 )
 

@@ -55,6 +55,8 @@ def json_result(summary: Summary, transcript: Sequence[str]) -> dict[str, Any]:
         "started_at": datetime.datetime.fromtimestamp(summary.started_at, datetime.UTC).isoformat(),
         "duration_s": round(summary.duration_s, 3),
         "verdict": summary.verdict,
+        # Only delivery to the canary sink proves relaying; a 250 at RCPT alone does not.
+        "proven": summary.verdict == "relayed",
         "accepted": _count(probes, Outcome.ACCEPTED, Outcome.RELAYED),
         "relayed": _count(probes, Outcome.RELAYED),
         "deferred": _count(probes, Outcome.DEFERRED),
@@ -68,6 +70,7 @@ def json_result(summary: Summary, transcript: Sequence[str]) -> dict[str, Any]:
                 "rcpt_to": probe.rcpt_to,
                 "outcome": probe.outcome.value,
                 "reply": probe.reply,
+                "form": probe.form.value,
             }
             for probe in probes
         ],

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relayprobe.events import Outcome, ProbeFinished
+from relayprobe.probes import AddressForm
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +83,45 @@ def summary_lines(
     if errors and (accepted or incomplete is not None):
         lines.append(f"Note: {len(errors)} probes got no reply ({_names(errors)})")
     lines.extend(f"Note: {note}" for note in notes)
+    result = verdict(probes, incomplete=incomplete, confirmation=confirmation)
+    lines.append(in_plain_words(result, probes, confirmation=confirmation))
     return tuple(lines)
+
+
+def in_plain_words(
+    result: str, probes: Sequence[ProbeFinished], *, confirmation: Confirmation | None
+) -> str:
+    """The summary's last line: what verdict `result` means, readable without the transcript."""
+    if result == "relayed":
+        return (
+            "Note: this is an open relay: it passed test messages on to a third party's domain; "
+            "the user guide shows how to close it"
+        )
+    if result == "accepted":
+        accepted = [p for p in probes if p.outcome is Outcome.ACCEPTED]
+        proof = "only delivery proves relaying"
+        if confirmation is None:
+            proof += ", and delivery confirmation is off"
+        elif confirmation.sent:
+            proof += ", and no test message arrived"
+        else:
+            proof += ", and the server took no test message"
+        if all(p.form is not AddressForm.PLAIN for p in accepted):
+            forms = ", ".join(sorted({p.form.value for p in accepted}))
+            return (
+                f"Note: the {len(accepted)} accepted recipients use address forms ({forms}) that "
+                f"qmail and some other servers accept and then bounce; {proof}"
+            )
+        return f"Note: the server accepted {len(accepted)} relay attempts at RCPT; {proof}"
+    if result == "incomplete":
+        return "Note: the test did not finish, so it says nothing yet about relaying"
+    deferred = sum(p.outcome is Outcome.DEFERRED for p in probes)
+    if deferred:
+        return (
+            f"Note: no relay attempt was accepted ({deferred} refused only for now, with 4xx): "
+            "not an open relay to these probes"
+        )
+    return "Note: every relay attempt was refused: not an open relay to these probes"
 
 
 def classify(code: int) -> Outcome:

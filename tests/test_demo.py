@@ -22,3 +22,12 @@ async def test_demo_shows_a_closed_server_an_open_relay_and_the_qmail_case() -> 
     )
     assert "System appeared to accept 12 relay attempts" in qmail
     assert "Relay not confirmed: none of 12 test messages arrived within 3 s" in qmail
+    assert qmail[-3].startswith("Note: the 12 accepted recipients use address forms (%-hack, ")
+    for caller in (closed, open_relay, qmail):
+        caption = caller[0].split("    # ", 1)[1]
+        assert caption[0].isupper()
+        assert caption.endswith(".")
+    assert qmail[0].endswith(
+        "# A qmail-like server, which says 250 at RCPT and never delivers, listens on "
+        f"127.0.0.4:{qmail[0].rsplit(':', 1)[1]}"
+    )

@@ -96,9 +96,10 @@ async def test_closed_server_rejects_every_probe_sent_byte_exact(start_server: S
     assert len(run.summary.probes) == 20
     assert run.summary.verdict == "rejected"
     assert run.transcript[0] == "Connecting to 127.0.0.1 ..."
-    assert run.transcript[-2:] == [
+    assert run.transcript[-3:] == [
         "Tested host banner: 220 mx.fake.test ESMTP fake",
         "System appeared to reject relay attempts",
+        "Note: every relay attempt was refused: not an open relay to these probes",
     ]
     assert [line for line in run.transcript if line.startswith(":Relay test:")] == [
         ":Relay test: #Quote test",
@@ -113,7 +114,7 @@ async def test_open_server_accepts_every_probe(start_server: StartServer) -> Non
     run = await run_test(await start_server(server))
     assert set(run.outcomes().values()) == {Outcome.ACCEPTED}
     assert run.summary.verdict == "accepted"
-    assert run.transcript[-1] == "System appeared to accept 20 relay attempts"
+    assert run.transcript[-2] == "System appeared to accept 20 relay attempts"
 
 
 async def test_qmail_like_server_accepts_percent_bang_and_double_at(
@@ -196,8 +197,11 @@ async def test_tarpit_ends_within_the_reply_timeout(start_server: StartServer) -
     run = await run_test(port, reply_timeout=0.5)
     assert time.monotonic() - started < 1.5
     assert run.summary.verdict == "incomplete"
-    assert run.transcript[-1] == "Test incomplete: no reply within 0.5 s"
-    assert run.transcript[-2] == "Tested host banner: 220 mx.fake.test ESMTP fake"
+    assert run.transcript[-3:] == [
+        "Tested host banner: 220 mx.fake.test ESMTP fake",
+        "Test incomplete: no reply within 0.5 s",
+        "Note: the test did not finish, so it says nothing yet about relaying",
+    ]
 
 
 class SilentGreeting(FakeMailServer):
@@ -212,7 +216,7 @@ async def test_no_greeting_is_incomplete_after_the_reply_timeout(
     started = time.monotonic()
     run = await run_test(port, reply_timeout=0.3, connect_timeout=5.0)
     assert time.monotonic() - started < 1.5
-    assert run.transcript[-1] == "Test incomplete: no greeting within 0.3 s"
+    assert run.transcript[-2] == "Test incomplete: no greeting within 0.3 s"
     assert not any(line.startswith("Tested host banner") for line in run.transcript)
 
 
@@ -225,7 +229,7 @@ async def test_421_greeting_is_incomplete(start_server: StartServer) -> None:
     server = Greets421()
     run = await run_test(await start_server(server))
     assert run.summary.verdict == "incomplete"
-    assert run.transcript[-1] == (
+    assert run.transcript[-2] == (
         "Test incomplete: server refused the session: 421 4.3.2 mx.fake.test busy, come back later"
     )
     assert "<<< 421 4.3.2 mx.fake.test busy, come back later" in run.transcript
@@ -238,7 +242,11 @@ async def test_refused_connection_is_incomplete() -> None:
     await server.stop()
     run = await run_test(port)
     assert run.summary.verdict == "incomplete"
-    assert run.transcript == ["Connecting to 127.0.0.1 ...", "Test incomplete: connection refused"]
+    assert run.transcript == [
+        "Connecting to 127.0.0.1 ...",
+        "Test incomplete: connection refused",
+        "Note: the test did not finish, so it says nothing yet about relaying",
+    ]
 
 
 class RefusesEhlo(FakeMailServer):

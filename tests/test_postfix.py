@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import shutil
 import time
 
@@ -21,6 +22,7 @@ from relayprobe.events import Event, Outcome, Relayed
 from relayprobe.render import Transcript
 from tests.conftest import skip_or_fail
 from tests.infra import postfix
+from tests.test_cli import check
 
 pytestmark = pytest.mark.usefixtures("postfix_instances")
 
@@ -57,7 +59,7 @@ async def test_stock_postfix_rejects_every_probe_without_hitting_its_error_limit
     assert Outcome.ERROR not in {probe.outcome for probe in summary.probes}
     assert Outcome.ACCEPTED not in {probe.outcome for probe in summary.probes}
     assert summary.verdict == "rejected"
-    assert transcript.lines[-4:-1] == [
+    assert transcript.lines[-5:-2] == [
         "Tested host banner: 220 closed.relayprobe.test ESMTP Postfix (Debian/GNU)",
         "System appeared to reject relay attempts",
         # Test 12's stray quote is a syntax error (501); relaying is deferred (454).
@@ -99,6 +101,29 @@ async def test_open_postfix_relay_is_confirmed_by_delivery_to_the_sink() -> None
     assert f"{len(relayed)} of " in confirmed[0]
     assert ":Waiting up to 20 s for relayed test messages ..." in transcript.lines
     assert any(line.startswith(">>> RCPT TO:<nobody-") for line in transcript.lines)
+
+
+async def test_check_calls_open_postfix_open_only_with_proof() -> None:
+    """Exit 4 (accepted, not proven) without the sink; 1 once the test messages arrive."""
+    options = ("--test-domain", postfix.TEST_DOMAIN)
+    status, lines = await check(25, *options, target=postfix.OPEN_HOST)
+    assert status == 4
+    assert lines[-1].startswith("Note: the server accepted 19 relay attempts at RCPT; only ")
+    assert lines[-1].endswith("delivery proves relaying, and delivery confirmation is off")
+    status, lines = await check(
+        25,
+        *options,
+        "--sink-listen",
+        str(SINK),
+        "--confirm-wait",
+        "20",
+        "--json",
+        target=postfix.OPEN_HOST,
+    )
+    assert status == 1
+    result = json.loads("\n".join(lines))
+    assert (result["verdict"], result["proven"]) == ("relayed", True)
+    assert result["summary"][-1].startswith("Note: this is an open relay")
 
 
 @pytest.mark.parametrize(

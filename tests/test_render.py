@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from relayprobe.events import (
     Sent,
     Summary,
 )
+from relayprobe.probes import AddressForm
 from relayprobe.render import Transcript, json_result, text_lines
 
 TEST_8 = ProbeFinished(
@@ -24,6 +26,7 @@ TEST_8 = ProbeFinished(
     "<nobody%relaytest.invalid@mail2.example.com>",
     Outcome.ACCEPTED,
     "250 2.1.5 Ok",
+    AddressForm.PERCENT_HACK,
 )
 QUOTE = ProbeFinished(
     "Quote test",
@@ -31,6 +34,7 @@ QUOTE = ProbeFinished(
     '<"nobody@relaytest.invalid">',
     Outcome.REJECTED,
     "554 5.7.1 Relay access denied",
+    AddressForm.QUOTED,
 )
 SUMMARY = Summary(
     target="192.0.2.4",
@@ -104,6 +108,7 @@ def test_json_result_has_the_spec_keys_and_counts() -> None:
         "started_at",
         "duration_s",
         "verdict",
+        "proven",
         "accepted",
         "relayed",
         "deferred",
@@ -116,6 +121,7 @@ def test_json_result_has_the_spec_keys_and_counts() -> None:
     assert result["started_at"] == "2023-11-14T22:13:20.250000+00:00"
     assert result["duration_s"] == 1.235
     assert result["verdict"] == "accepted"
+    assert result["proven"] is False
     assert (result["accepted"], result["relayed"], result["deferred"]) == (2, 1, 2)
     assert (result["rejected"], result["errors"]) == (1, 1)
     assert result["summary"] == list(SUMMARY.lines)
@@ -127,6 +133,7 @@ def test_json_result_has_the_spec_keys_and_counts() -> None:
             "rcpt_to": '<"nobody@relaytest.invalid">',
             "outcome": "rejected",
             "reply": "554 5.7.1 Relay access denied",
+            "form": "quoted local part",
         },
         {
             "name": "Test 8",
@@ -134,6 +141,7 @@ def test_json_result_has_the_spec_keys_and_counts() -> None:
             "rcpt_to": "<nobody%relaytest.invalid@mail2.example.com>",
             "outcome": "accepted",
             "reply": "250 2.1.5 Ok",
+            "form": "%-hack",
         },
     ]
     assert [p["outcome"] for p in result["probes"]] == [
@@ -184,3 +192,13 @@ def test_transcript_collects_lines_and_keeps_the_summary() -> None:
         ":Relay test: #Test 8",
         *SUMMARY.lines,
     ]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "proven"),
+    [("relayed", True), ("accepted", False), ("rejected", False), ("incomplete", False)],
+)
+def test_only_a_relayed_verdict_is_proven(verdict: str, proven: bool) -> None:
+    result = json_result(dataclasses.replace(SUMMARY, verdict=verdict), [])
+    assert result["verdict"] == verdict
+    assert result["proven"] is proven

@@ -3,10 +3,18 @@ from __future__ import annotations
 import pytest
 
 from relayprobe.events import Outcome, ProbeFinished
+from relayprobe.probes import CLASSIC, AddressForm
 from relayprobe.verdict import Confirmation, classify, summary_lines, verdict
 
 BANNER = "220 mail2.example.com ESMTP Postfix"
 REJECT = "554 5.7.1 <nobody@relaytest.invalid>: Relay access denied"
+
+
+FORMS = {probe.name: probe.form for probe in CLASSIC}
+OPEN_RELAY = (
+    "Note: this is an open relay: it passed test messages on to a third party's domain; "
+    "the user guide shows how to close it"
+)
 
 
 def probe(name: str, outcome: Outcome) -> ProbeFinished:
@@ -23,6 +31,7 @@ def probe(name: str, outcome: Outcome) -> ProbeFinished:
         "<nobody@relaytest.invalid>",
         outcome,
         replies[outcome],
+        FORMS.get(name, AddressForm.PLAIN),
     )
 
 
@@ -62,6 +71,7 @@ def test_all_rejected() -> None:
     assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=None) == (
         "Tested host banner: 220 mail2.example.com ESMTP Postfix",
         "System appeared to reject relay attempts",
+        "Note: every relay attempt was refused: not an open relay to these probes",
     )
 
 
@@ -73,6 +83,9 @@ def test_one_accepted_as_in_the_seed() -> None:
     ) == (
         "Tested host banner: 220 example.com ESMTP",
         "System appeared to accept 1 relay attempts",
+        "Note: the 1 accepted recipients use address forms (%-hack) that qmail and some other "
+        "servers accept and then bounce; only delivery proves relaying, and delivery "
+        "confirmation is off",
     )
 
 
@@ -100,6 +113,7 @@ def test_incomplete_without_banner() -> None:
     assert verdict([], incomplete="connection refused", confirmation=None) == "incomplete"
     assert summary_lines([], banner=None, incomplete="connection refused", confirmation=None) == (
         "Test incomplete: connection refused",
+        "Note: the test did not finish, so it says nothing yet about relaying",
     )
 
 
@@ -110,6 +124,7 @@ def test_incomplete_after_banner_with_nothing_accepted() -> None:
     assert summary_lines(probes, banner=BANNER, incomplete=reason, confirmation=None) == (
         f"Tested host banner: {BANNER}",
         "Test incomplete: test deadline of 300 s reached",
+        "Note: the test did not finish, so it says nothing yet about relaying",
     )
 
 
@@ -121,6 +136,8 @@ def test_accepted_beats_incomplete_and_the_reason_becomes_a_note() -> None:
         f"Tested host banner: {BANNER}",
         "System appeared to accept 1 relay attempts",
         "Note: test incomplete: server refused the session: 421 too many connections",
+        "Note: the server accepted 1 relay attempts at RCPT; only delivery proves relaying, and "
+        "delivery confirmation is off",
     )
 
 
@@ -131,6 +148,8 @@ def test_deferred_probes_get_a_note() -> None:
         f"Tested host banner: {BANNER}",
         "System appeared to reject relay attempts",
         "Note: 2 probes were deferred with a 4xx reply, a temporary refusal (Test 2, Test 7)",
+        "Note: no relay attempt was accepted (2 refused only for now, with 4xx): "
+        "not an open relay to these probes",
     )
 
 
@@ -140,6 +159,7 @@ def test_probes_in_error_make_the_test_incomplete() -> None:
     assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=None) == (
         f"Tested host banner: {BANNER}",
         "Test incomplete: 2 probes got no reply (Test 4, Test 5)",
+        "Note: the test did not finish, so it says nothing yet about relaying",
     )
 
 
@@ -150,6 +170,9 @@ def test_errors_beside_an_accepted_probe_get_a_note() -> None:
         f"Tested host banner: {BANNER}",
         "System appeared to accept 1 relay attempts",
         "Note: 1 probes got no reply (Test 19)",
+        "Note: the 1 accepted recipients use address forms (%-hack) that qmail and some other "
+        "servers accept and then bounce; only delivery proves relaying, and delivery "
+        "confirmation is off",
     )
 
 
@@ -161,8 +184,9 @@ def test_extra_notes_come_last() -> None:
         confirmation=None,
         notes=("reconnected 2 times",),
     )
-    assert lines[-2].startswith("Note: 1 probes were deferred")
-    assert lines[-1] == "Note: reconnected 2 times"
+    assert lines[-3].startswith("Note: 1 probes were deferred")
+    assert lines[-2] == "Note: reconnected 2 times"
+    assert lines[-1].startswith("Note: no relay attempt was accepted")
 
 
 def test_relay_confirmed() -> None:
@@ -177,6 +201,7 @@ def test_relay_confirmed() -> None:
         f"Tested host banner: {BANNER}",
         "System appeared to accept 3 relay attempts",
         "Relay confirmed: 2 of 3 test messages arrived (Test 8, Test 9)",
+        OPEN_RELAY,
     )
 
 
@@ -189,6 +214,9 @@ def test_relay_not_confirmed_as_in_the_seeds_qmail_case(wait_s: float, shown: st
         f"Tested host banner: {BANNER}",
         "System appeared to accept 1 relay attempts",
         f"Relay not confirmed: none of 1 test messages arrived within {shown} s",
+        "Note: the 1 accepted recipients use address forms (%-hack) that qmail and some other "
+        "servers accept and then bounce; only delivery proves relaying, and no test message "
+        "arrived",
     )
 
 
@@ -199,9 +227,61 @@ def test_no_confirmation_line_when_no_message_was_sent() -> None:
     assert summary_lines(probes, banner=BANNER, incomplete=None, confirmation=confirmation) == (
         f"Tested host banner: {BANNER}",
         "System appeared to reject relay attempts",
+        "Note: every relay attempt was refused: not an open relay to these probes",
     )
 
 
 def test_deferred_only_is_rejected_not_incomplete() -> None:
     probes = [probe(name, Outcome.DEFERRED) for name in ("Quote test", "Test 1")]
     assert verdict(probes, incomplete=None, confirmation=None) == "rejected"
+
+
+def test_qmail_case_in_plain_words_names_the_forms_accepted() -> None:
+    """The seed's qmail: 250 to %-hacks, bang paths, quoted and routed recipients, no arrival."""
+    accepted = ["Quote test", "Test 8", "Test 9", "Test 10", "Test 15", "Test 17", "Test 18"]
+    probes = suite(dict.fromkeys(accepted, Outcome.ACCEPTED))
+    confirmation = Confirmation(sent=tuple(accepted), arrived=(), wait_s=30.0)
+    lines = summary_lines(probes, banner=BANNER, incomplete=None, confirmation=confirmation)
+    assert lines[-1] == (
+        "Note: the 7 accepted recipients use address forms (%-hack, bang path, quoted local part, "
+        "source route) that qmail and some other servers accept and then bounce; only delivery "
+        "proves relaying, and no test message arrived"
+    )
+
+
+def test_a_plain_recipient_accepted_is_not_put_down_to_qmail() -> None:
+    probes = suite({"Test 8": Outcome.ACCEPTED, "Test 2": Outcome.ACCEPTED})
+    confirmation = Confirmation(sent=("Test 2", "Test 8"), arrived=(), wait_s=30.0)
+    lines = summary_lines(probes, banner=BANNER, incomplete=None, confirmation=confirmation)
+    assert lines[-1] == (
+        "Note: the server accepted 2 relay attempts at RCPT; only delivery proves relaying, and "
+        "no test message arrived"
+    )
+
+
+def test_accepted_recipients_but_no_message_taken() -> None:
+    probes = suite({"Test 2": Outcome.ACCEPTED})
+    confirmation = Confirmation(sent=(), arrived=(), wait_s=30.0)
+    lines = summary_lines(probes, banner=BANNER, incomplete=None, confirmation=confirmation)
+    assert lines[-2] == "Note: the server refused every test message, so relaying was not proven"
+    assert lines[-1].endswith("only delivery proves relaying, and the server took no test message")
+
+
+@pytest.mark.parametrize(
+    "outcomes",
+    [
+        {},
+        {"Test 3": Outcome.DEFERRED},
+        {"Test 8": Outcome.ACCEPTED},
+        {"Test 2": Outcome.ACCEPTED},
+        {"Test 8": Outcome.RELAYED},
+        {"Test 4": Outcome.ERROR},
+    ],
+)
+def test_every_verdict_ends_with_one_plain_line(outcomes: dict[str, Outcome]) -> None:
+    probes = suite(outcomes)
+    relayed = tuple(name for name, outcome in outcomes.items() if outcome is Outcome.RELAYED)
+    for confirmation in (None, Confirmation(sent=relayed, arrived=relayed, wait_s=1.0)):
+        lines = summary_lines(probes, banner=BANNER, incomplete=None, confirmation=confirmation)
+        assert lines[-1].startswith("Note: ")
+        assert sum(line.startswith(lines[-1]) for line in lines) == 1
