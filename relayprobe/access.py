@@ -84,6 +84,9 @@ class TokenBucket:
     def take(self, amount: float = 1.0) -> None:
         self._level -= amount
 
+    def give_back(self, amount: float = 1.0) -> None:
+        self._level = min(self._capacity, self._level + amount)
+
 
 @dataclass(frozen=True, slots=True)
 class RateDecision:
@@ -172,6 +175,12 @@ class RateLimiter:
         while len(self._logs) > self._max_entries:
             self._logs.popitem(last=False)
         return RateDecision(allowed=True)
+
+    def refund_global(self) -> None:
+        """Give back the global token of a test that ended before it cost anything: a caller
+        that connected and left at once must not use up everyone else's share. The per-address
+        and per-prefix limits stay charged."""
+        self._global.give_back()
 
     def _key(self, scope: _Scope, address: IPAddress) -> _Key:
         bits = address.max_prefixlen

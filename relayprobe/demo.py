@@ -40,7 +40,9 @@ async def _start_mail_servers(sink: Endpoint) -> tuple[int, list[FakeMailServer]
         servers = [
             FakeMailServer(
                 hostname=f"mx{n}.demo.test",
-                forward_to=(sink.host, sink.port) if options["relay"] is relays_everything else None,
+                forward_to=(sink.host, sink.port)
+                if options["relay"] is relays_everything
+                else None,
                 **options,
             )
             for n, (_, _, options) in enumerate(CALLERS, 2)

@@ -98,13 +98,13 @@ class _RelayTest:
         options: RelayTestOptions,
         emit: Emit,
         registry: CanaryRegistry | None,
-        before_probe: Checkpoint | None,
+        checkpoint: Checkpoint | None,
     ) -> None:
         self.target = target
         self.options = options
         self.emit = emit
         self.registry = registry
-        self.before_probe = before_probe
+        self.checkpoint = checkpoint
         self.tokens: dict[str, str] = {}
         self.sent: list[_TestMessage] = []
         self.registry_full = False
@@ -293,8 +293,7 @@ class _RelayTest:
     # Probes
 
     async def _run_probe(self, probe: Probe, context: ProbeContext) -> None:
-        if self.before_probe is not None:
-            await self.before_probe()
+        await self._checkpoint()
         self.emit(ProbeStarted(probe.name))
         token = self._token_for(probe.name)
         values = context.values(rcpt=canary.local_part(token) if token else "nobody")
@@ -357,6 +356,7 @@ class _RelayTest:
 
     async def _send_message(self, message: bytes, token: str) -> bool:
         """DATA and the test message; True when the server took it."""
+        await self._checkpoint()
         reply = await self._command("DATA")
         if reply.code != 354:
             return False
@@ -478,6 +478,10 @@ class _RelayTest:
     def _progress(self, text: str) -> None:
         self.emit(Progress(text))
 
+    async def _checkpoint(self) -> None:
+        if self.checkpoint is not None:
+            await self.checkpoint()
+
 
 async def run_relay_test(
     target: str,
@@ -486,14 +490,14 @@ async def run_relay_test(
     *,
     registry: CanaryRegistry | None = None,
     ptr_lookup: PtrLookup = lookup_ptr,
-    before_probe: Checkpoint | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> Summary:
     """Test `target` (an IP address) and return the summary; every step is passed to `emit`.
 
     With a `registry` (whose canary sink receives mail for the test domain), accepted probes
-    send a test message and the test waits for it to arrive. `before_probe` is awaited before
-    each probe starts: a front door holds the test there while it finds out whether its caller
-    is still listening.
+    send a test message and the test waits for it to arrive. `checkpoint` is awaited before each
+    probe and each test message: a front door holds the test there while it finds out whether
+    its caller is still listening.
     """
     address = str(ipaddress.ip_address(target))
-    return await _RelayTest(address, options, emit, registry, before_probe).run(ptr_lookup)
+    return await _RelayTest(address, options, emit, registry, checkpoint).run(ptr_lookup)

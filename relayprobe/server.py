@@ -30,7 +30,7 @@ from relayprobe.access import (
 from relayprobe.canary import CanaryRegistry
 from relayprobe.config import Endpoint, Settings
 from relayprobe.engine import run_relay_test
-from relayprobe.events import Event, Summary
+from relayprobe.events import Event, Received, Summary
 from relayprobe.metrics import Metrics
 from relayprobe.proxyproto import ProxyHeaderError, ProxyHeaderParser
 from relayprobe.render import MAX_KEPT_CHARS, Transcript, json_result
@@ -48,6 +48,7 @@ CALLER_SEND_BUFFER = 64 * 1024
 LISTEN_BACKLOG = 4096
 # While a caller that has sent FIN is silent, how often to check that it is still there.
 CALLER_CHECK_INTERVAL = 0.25
+CALLER_FIRST_CHECK = 0.01
 # How long a probe waits for a caller that has sent FIN to acknowledge what we wrote.
 CALLER_CHECK_TIMEOUT = 1.0
 SLOW_CLIENT = "client stopped reading"
@@ -98,6 +99,8 @@ class TelnetSession(asyncio.Protocol):
         self.watch: asyncio.TimerHandle | None = None
         self.end_reason: str | None = None
         self.ignoring_input = False
+        self.heard_server = False
+        """Whether the tested server has said anything yet: until then the test cost little."""
         self.caller_silent = False
         """The caller sent FIN, or we stopped reading: only writes can tell us it has gone."""
         self.written_since_check = False
@@ -222,13 +225,17 @@ class TelnetSession(asyncio.Protocol):
         self._watch_caller()
 
     def _watch_caller(self) -> None:
-        """Start checking, now and every CALLER_CHECK_INTERVAL, that the caller is still there."""
+        """Start checking, now and every CALLER_CHECK_INTERVAL, that the caller is still there.
+
+        The first check comes CALLER_FIRST_CHECK after the first write: a caller who hung up
+        answers that write with a reset within a round trip, before the test sends much more.
+        """
         if self.caller_silent:
             return
         self.caller_silent = True
-        self._check_caller()
+        self._check_caller(next_in=CALLER_FIRST_CHECK)
 
-    def _check_caller(self) -> None:
+    def _check_caller(self, next_in: float = CALLER_CHECK_INTERVAL) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -236,9 +243,7 @@ class TelnetSession(asyncio.Protocol):
             self.end(CLIENT_CLOSED)
             return
         self._write_something()
-        self.watch = asyncio.get_running_loop().call_later(
-            CALLER_CHECK_INTERVAL, self._check_caller
-        )
+        self.watch = asyncio.get_running_loop().call_later(next_in, self._check_caller)
 
     def _write_something(self) -> None:
         """Make sure something went out since the last check; a gone caller resets it."""
@@ -249,9 +254,9 @@ class TelnetSession(asyncio.Protocol):
         self.written_since_check = False
 
     async def caller_present(self) -> None:
-        """Before each probe: once the caller has gone quiet, wait (at most
-        CALLER_CHECK_TIMEOUT) until it has acknowledged what we sent, so that no new probe
-        starts for a caller who hung up."""
+        """Before each probe and test message: once the caller has gone quiet, wait (at most
+        CALLER_CHECK_TIMEOUT) until it has acknowledged what we sent, so that nothing new starts
+        for a caller who hung up."""
         transport = self.transport
         if not self.caller_silent or transport is None:
             return
@@ -296,6 +301,8 @@ class TelnetSession(asyncio.Protocol):
             self.end(SLOW_CLIENT)
 
     def emit(self, event: Event) -> None:
+        if isinstance(event, Received):
+            self.heard_server = True
         for line in self.transcript.add(event):
             self.write_line(line)
 
@@ -432,7 +439,7 @@ class ReflectorService:
             self.options,
             session.emit,
             registry=self.registry,
-            before_probe=session.caller_present,
+            checkpoint=session.caller_present,
         )
 
     def _session_done(
@@ -443,7 +450,8 @@ class ReflectorService:
         self.metrics.session_closed()
         summary: Summary | None = None
         if task.cancelled():
-            pass
+            if not session.heard_server and self.limiter is not None:
+                self.limiter.refund_global()
         elif (error := task.exception()) is not None:
             session.end_reason = "internal error"
             session.log.error("session_failed", target=target, exc_info=error)

@@ -183,6 +183,22 @@ def test_ipv4_mapped_counts_as_ipv4() -> None:
     assert limits.check(ip("192.0.2.3")).reason == "prefix"
 
 
+def test_a_refunded_global_token_can_be_used_again_but_not_beyond_the_burst() -> None:
+    clock = FakeClock()
+    limits = limiter(clock, global_per_second=0.001, global_burst=1, per_address_interval=60.0)
+    assert limits.check(ip("192.0.2.1")) == ALLOWED
+    assert limits.check(ip("198.51.100.1")).reason == "global"
+    limits.refund_global()
+    assert limits.check(ip("198.51.100.1")) == ALLOWED
+    limits.refund_global()
+    limits.refund_global()  # a second refund does not lift the burst
+    assert limits.check(ip("203.0.113.1")) == ALLOWED
+    assert limits.check(ip("203.0.113.2")).reason == "global"
+    # The per-address limit stays charged.
+    limits.refund_global()
+    assert limits.check(ip("192.0.2.1")).reason == "address"
+
+
 def test_global_token_bucket_and_refill() -> None:
     clock = FakeClock()
     limits = limiter(clock, global_per_second=4.0, global_burst=2)

@@ -46,15 +46,13 @@ async def service() -> AsyncIterator[Service]:
     started: list[ReflectorService] = []
 
     async def start(target_port: int, **changes: object) -> tuple[ReflectorService, Endpoint]:
-        listen = changes.pop("listen", (Endpoint("127.0.0.1", 0),))
-        settings = dataclasses.replace(
-            Settings(),
-            listen=listen,
-            target_port=target_port,
-            reply_timeout=2.0,
-            rate_limit=False,
-            **changes,  # type: ignore[arg-type]
-        )
+        changes = {
+            "listen": (Endpoint("127.0.0.1", 0),),
+            "reply_timeout": 2.0,
+            "rate_limit": False,
+            **changes,
+        }
+        settings = dataclasses.replace(Settings(), target_port=target_port, **changes)  # type: ignore[arg-type]
         service = ReflectorService(settings)
         (endpoint, *_) = await service.start()
         started.append(service)
@@ -612,3 +610,50 @@ async def test_non_reading_caller_is_reset_after_the_write_timeout(
         while sock.recv(65536):
             pass
     sock.close()
+
+
+async def test_callers_that_leave_at_once_do_not_use_up_the_global_rate(
+    start_server: StartServer, service: Service
+) -> None:
+    """Before: each connect-and-close spent a global token, and everyone else was refused."""
+    svc, endpoint = await service(
+        await start_server(FakeMailServer()), rate_limit=True, rate_global=0.1
+    )
+    for number in range(5):
+        session = TelnetSession(svc, 2000 + number)
+        session.connection_made(_FakeTransport((f"127.0.{100 + number}.1", 40000)))
+        session.connection_lost(None)
+    await asyncio.sleep(0.05)
+    assert "System appeared to reject relay attempts" in await call(endpoint)
+    # A test that did run keeps its token: the next caller waits.
+    assert (await call(endpoint, source="127.0.0.8"))[0].startswith("Too many tests from everyone")
+
+
+async def test_a_hang_up_lets_at_most_one_more_command_out(
+    start_server: StartServer,
+) -> None:
+    """Before: a FIN was re-checked only 0.25 s later, and DATA followed RCPT for nobody."""
+    mail = FakeMailServer(relay=relays_everything, reply_delay=0.2)
+    port = await start_server(mail)
+    settings = dataclasses.replace(
+        Settings(),
+        listen=(Endpoint("127.0.0.1", 0),),
+        target_port=port,
+        reply_timeout=2.0,
+        rate_limit=False,
+    )
+    svc = ReflectorService(settings, registry=InMemoryRegistry())
+    (endpoint,) = await svc.start()
+    try:
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        # Hang up while the server thinks over an accepted probe's RCPT: its DATA would follow.
+        await asyncio.wait_for(reader.readuntil(b">>> RCPT TO:<nobody-"), 10)
+        mail.closed.clear()
+        at_hang_up = len(mail.commands)
+        writer.close()
+        await asyncio.wait_for(mail.closed.wait(), 1.0)
+    finally:
+        await svc.shutdown(grace=1.0)
+    after = [command for command in mail.commands[at_hang_up:] if command not in (b"QUIT", b"RSET")]
+    assert len(after) <= 1, after
+    assert mail.commands[-1] == b"QUIT"
