@@ -1,8 +1,10 @@
 """A tiny HTTP/1.1 endpoint for operators: /metrics, /healthz and /readyz.
 
 One request per connection. Everything a client sends is untrusted: the request head is bounded
-in size and must arrive within a timeout, and the number of connections served at once is capped.
-Parsing and response rendering are pure; `OperatorHTTP` only moves bytes.
+in size and must arrive within a timeout, and the number of connections served at once is capped,
+in all and per source address. A full endpoint drops its oldest connection still waiting for a
+request head rather than refuse a newcomer, so idle or slowloris connections cannot keep a health
+check out. Parsing and response rendering are pure; `OperatorHTTP` only moves bytes.
 """
 
 from __future__ import annotations
@@ -123,15 +125,37 @@ def _text(status: HTTPStatus, text: str) -> Response:
 _BAD_REQUEST = _text(HTTPStatus.BAD_REQUEST, "bad request")
 _HEAD_TOO_LARGE = _text(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
 _TIMEOUT = _text(HTTPStatus.REQUEST_TIMEOUT, "request timeout")
-_BUSY = _text(HTTPStatus.SERVICE_UNAVAILABLE, "busy")
+# Only sent when every slot is answering a complete request; a health checker must not read it
+# as "not ready", and a retry a moment later gets in.
+_BUSY = Response(
+    status=HTTPStatus.SERVICE_UNAVAILABLE,
+    body=b"busy: too many connections to this endpoint; this says nothing about readiness, retry",
+    extra_headers=(("Retry-After", "1"),),
+)
+
+
+@dataclass(slots=True)
+class _Connection:
+    """A connection being served; mutable: `awaiting_head` ends, `evicted` begins."""
+
+    writer: asyncio.StreamWriter
+    source: str
+    awaiting_head: bool = True
+    evicted: bool = False
+
+    @property
+    def evictable(self) -> bool:
+        return self.awaiting_head and not self.evicted
 
 
 class OperatorHTTP:
     """Serves /metrics, /healthz and /readyz (GET and HEAD) on one listening address.
 
     `ready` says whether the service can do its job (listeners bound, sink up). A client gets
-    `timeout_s` to send its request head (else 408), and `timeout_s` more to read the response.
-    Beyond `max_connections` at once, new connections get 503 at once.
+    `request_line_timeout_s` to send its request line and `timeout_s` for the whole head (else
+    408), and `timeout_s` more to read the response. A newcomer beyond `max_connections` at once,
+    or beyond `max_connections_per_source` from its address, takes the place of the oldest
+    connection (of that address) still waiting for its head; with none to drop, it gets 503 busy.
     """
 
     def __init__(
@@ -140,25 +164,35 @@ class OperatorHTTP:
         metrics: Metrics,
         ready: Callable[[], bool],
         timeout_s: float = 5.0,
+        request_line_timeout_s: float = 1.0,
         max_connections: int = 32,
+        max_connections_per_source: int = 4,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
+        if request_line_timeout_s <= 0:
+            raise ValueError(f"request_line_timeout_s must be > 0, not {request_line_timeout_s}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, not {max_connections}")
+        if max_connections_per_source < 1:
+            raise ValueError(
+                f"max_connections_per_source must be >= 1, not {max_connections_per_source}"
+            )
         self._metrics = metrics
         self._ready = ready
         self._timeout_s = timeout_s
+        self._request_line_timeout_s = request_line_timeout_s
         self._max_connections = max_connections
+        self._max_connections_per_source = max_connections_per_source
         self._server: asyncio.Server | None = None
-        # Each connection being served: its handler's task, and its writer to drop it on stop().
-        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        # Each connection being served, by its handler's task, oldest first.
+        self._connections: dict[asyncio.Task[Any], _Connection] = {}
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port (port 0 picks a free one); returns the address bound."""
         if self._server is not None:
             raise RuntimeError("already started")
-        # readuntil() keeps the separator beyond the limit, so a whole head is <= MAX_HEAD_BYTES.
+        # Bounds each line of the head; _read_head() bounds their sum.
         self._server = await asyncio.start_server(
             self._handle, host, port, limit=MAX_HEAD_BYTES - 4
         )
@@ -173,8 +207,8 @@ class OperatorHTTP:
         server.close()
         # Aborting (not cancelling) lets each handler end normally: Python 3.11 logs a cancelled
         # start_server handler as an error.
-        for writer in self._connections.values():
-            writer.transport.abort()
+        for connection in self._connections.values():
+            connection.writer.transport.abort()
         await asyncio.gather(*self._connections, return_exceptions=True)
         await server.wait_closed()
 
@@ -198,38 +232,78 @@ class OperatorHTTP:
         return _text(HTTPStatus.SERVICE_UNAVAILABLE, "not ready")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self._max_connections:
+        peer = writer.get_extra_info("peername")
+        connection = _Connection(writer=writer, source=str(peer[0]) if peer else "")
+        if not self._make_room(connection.source):
             writer.write(_BUSY.render(head_only=False, date=formatdate(usegmt=True)))
             await self._close(writer)
             return
         task = asyncio.current_task()
         assert task is not None  # start_server runs each handler in a task of its own
-        self._connections[task] = writer
+        self._connections[task] = connection
         try:
             # A reset or a client too slow to read the response: nothing left to tell it.
             with contextlib.suppress(OSError, TimeoutError):
-                await self._exchange(reader, writer)
+                await self._exchange(reader, connection)
         finally:
             del self._connections[task]
             await self._close(writer)
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _make_room(self, source: str) -> bool:
+        """Whether a newcomer from `source` may be served, evicting a connection if need be.
+
+        The victim is the oldest connection still waiting for its head: of the same source when
+        that source is at its cap, else of any. Connections answering a request are kept.
+        """
+        live = [c for c in self._connections.values() if not c.evicted]
+        from_source = [c for c in live if c.source == source]
+        if len(from_source) >= self._max_connections_per_source:
+            candidates = from_source
+        elif len(live) >= self._max_connections:
+            candidates = live
+        else:
+            return True
+        victim = next((c for c in candidates if c.evictable), None)
+        if victim is None:
+            return False
+        # Its handler sees the end of the stream and ends quietly.
+        victim.evicted = True
+        victim.writer.transport.abort()
+        return True
+
+    async def _exchange(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         reply = await self._read_request(reader)
-        if reply is None:
+        connection.awaiting_head = False
+        if reply is None or connection.evicted:
             return
         response, head_only = reply
-        writer.write(response.render(head_only=head_only, date=formatdate(usegmt=True)))
+        connection.writer.write(response.render(head_only=head_only, date=formatdate(usegmt=True)))
         async with asyncio.timeout(self._timeout_s):
-            await writer.drain()
+            await connection.writer.drain()
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> bytes:
+        """The request head, read line by line so the request line has a deadline of its own.
+
+        Raises TimeoutError, HeadTooLarge, and the StreamReader's LimitOverrunError and
+        IncompleteReadError.
+        """
+        async with asyncio.timeout(self._timeout_s):
+            # A real client sends its request line at once; a slowloris must now come back often.
+            async with asyncio.timeout(self._request_line_timeout_s):
+                head = bytearray(await reader.readuntil(b"\r\n"))
+            while not head.endswith(b"\r\n\r\n"):
+                if len(head) > MAX_HEAD_BYTES:
+                    raise HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
+                head += await reader.readuntil(b"\r\n")
+        return bytes(head)
 
     async def _read_request(self, reader: asyncio.StreamReader) -> tuple[Response, bool] | None:
         """The response to send and whether it is to a HEAD; None if the client went away."""
         try:
-            async with asyncio.timeout(self._timeout_s):
-                head = await reader.readuntil(b"\r\n\r\n")
+            head = await self._read_head(reader)
         except TimeoutError:
             return _TIMEOUT, False
-        except asyncio.LimitOverrunError:
+        except (asyncio.LimitOverrunError, HeadTooLarge):
             return _HEAD_TOO_LARGE, False
         except asyncio.IncompleteReadError:
             return None

@@ -4,9 +4,11 @@ import asyncio
 import contextlib
 import http.client
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from http import HTTPStatus
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -148,12 +150,8 @@ def readiness() -> Readiness:
 async def start(metrics: Metrics, readiness: Readiness) -> AsyncIterator[Start]:
     servers: list[OperatorHTTP] = []
 
-    async def start(
-        *, timeout_s: float = 5.0, max_connections: int = 32
-    ) -> tuple[OperatorHTTP, int]:
-        server = OperatorHTTP(
-            metrics=metrics, ready=readiness, timeout_s=timeout_s, max_connections=max_connections
-        )
+    async def start(**options: Any) -> tuple[OperatorHTTP, int]:
+        server = OperatorHTTP(metrics=metrics, ready=readiness, **options)
         servers.append(server)
         host, port = await server.start("127.0.0.1", 0)
         assert host == "127.0.0.1"
@@ -293,23 +291,150 @@ async def test_slowloris_is_dropped_and_does_not_block_others(start: Start) -> N
     writer.close()
 
 
-async def test_connections_beyond_the_cap_get_503(start: Start) -> None:
-    _, port = await start(timeout_s=1.0, max_connections=2)
-    slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
-    for _, writer in slow:
-        writer.write(b"GET /")
-    await asyncio.sleep(0.1)
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    async with asyncio.timeout(5):
-        assert (await reader.read()).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+
+async def open_slow(port: int, sources: Sequence[str]) -> list[Connection]:
+    """A slowloris connection from each source address: part of a request line, then nothing."""
+    connections = []
+    for source in sources:
+        connection = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        connection[1].write(b"GET /rea")
+        connections.append(connection)
+    await asyncio.sleep(0.1)  # for the server to take them in
+    return connections
+
+
+def close_all(connections: Sequence[Connection]) -> None:
+    for _, writer in connections:
+        writer.close()
+
+
+async def read_to_end(reader: asyncio.StreamReader, *, within_s: float) -> bytes:
+    """What the server sends before it closes (b"" if it resets the connection)."""
+    try:
+        async with asyncio.timeout(within_s):
+            return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+async def still_open(reader: asyncio.StreamReader) -> bool:
+    try:
+        async with asyncio.timeout(0.1):
+            await reader.read(1)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def assert_ready_within_1s(port: int) -> None:
+    started = time.monotonic()
+    assert (await request(port, "GET", "/readyz"))[::2] == (200, b"ready")
+    assert time.monotonic() - started < 1
+
+
+async def test_health_check_is_answered_during_a_slowloris_from_its_own_address(
+    start: Start, readiness: Readiness
+) -> None:
+    readiness.ready = True
+    _, port = await start()
+    slow = await open_slow(port, ["127.0.0.1"] * 40)
+    try:
+        for _ in range(3):
+            await assert_ready_within_1s(port)
+            slow += await open_slow(port, ["127.0.0.1"] * 10)
+    finally:
+        close_all(slow)
+
+
+async def test_health_check_is_answered_during_a_slowloris_from_many_addresses(
+    start: Start, readiness: Readiness
+) -> None:
+    readiness.ready = True
+    _, port = await start()
+    slow = await open_slow(port, [f"127.0.2.{n}" for n in range(1, 65)])
+    try:
+        for round_ in range(3):
+            await assert_ready_within_1s(port)
+            slow += await open_slow(port, [f"127.0.{3 + round_}.{n}" for n in range(1, 33)])
+    finally:
+        close_all(slow)
+
+
+async def test_request_line_has_a_short_deadline_of_its_own(start: Start) -> None:
+    _, port = await start(timeout_s=5.0, request_line_timeout_s=0.3)
+    opened = time.monotonic()
+    (reader, writer), *_ = await open_slow(port, ["127.0.0.1"])
+    assert (await read_to_end(reader, within_s=5)).startswith(b"HTTP/1.1 408 ")
+    assert 0.3 <= time.monotonic() - opened < 1
     writer.close()
 
-    for reader, writer in slow:
-        async with asyncio.timeout(5):
-            assert (await reader.read()).startswith(b"HTTP/1.1 408 ")
-        writer.close()
-    assert (await request(port, "GET", "/healthz"))[0] == 200
+    # Once the request line is in, the rest of the head may take up to timeout_s.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\n")
+    await asyncio.sleep(0.5)
+    writer.write(b"Host: x\r\n\r\n")
+    assert (await read_to_end(reader, within_s=5)).startswith(b"HTTP/1.1 200 OK\r\n")
+    writer.close()
+
+
+async def test_a_source_at_its_cap_loses_its_oldest_waiting_connection(start: Start) -> None:
+    _, port = await start(max_connections_per_source=2, request_line_timeout_s=5.0)
+    others = await open_slow(port, ["127.0.0.2"] * 2)
+    mine = await open_slow(port, ["127.0.0.3"] * 2)
+    try:
+        mine += await open_slow(port, ["127.0.0.3"])
+        assert await read_to_end(mine[0][0], within_s=1) == b""
+        for reader, _ in [*others, *mine[1:]]:
+            assert await still_open(reader)
+    finally:
+        close_all([*others, *mine])
+
+
+async def test_a_full_endpoint_drops_its_oldest_waiting_connection(
+    start: Start, readiness: Readiness
+) -> None:
+    readiness.ready = True
+    _, port = await start(max_connections=2, request_line_timeout_s=5.0)
+    slow = await open_slow(port, ["127.0.0.2", "127.0.0.3"])
+    try:
+        assert (await request(port, "GET", "/readyz"))[::2] == (200, b"ready")
+        assert await read_to_end(slow[0][0], within_s=1) == b""
+        assert await still_open(slow[1][0])
+    finally:
+        close_all(slow)
+
+
+class HugeMetrics(Metrics):
+    """Metrics too big for the socket buffers, so a client that does not read holds its slot."""
+
+    def exposition(self) -> tuple[bytes, str]:
+        return b"x" * 16_000_000, "text/plain"
+
+
+async def test_with_every_slot_answering_a_newcomer_is_told_busy_not_unready(
+    readiness: Readiness,
+) -> None:
+    server = OperatorHTTP(metrics=HugeMetrics(), ready=readiness, max_connections=1)
+    _, port = await server.start("127.0.0.1", 0)
+    holder = socket.socket()
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        holder.connect(("127.0.0.1", port))
+        holder.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.2)
+
+        status, headers, body = await request(port, "GET", "/readyz")
+        assert (status, headers["Retry-After"]) == (503, "1")
+        assert body.startswith(b"busy: ") and b"says nothing about readiness" in body
+
+        holder.close()
+        await asyncio.sleep(0.2)
+        assert (await request(port, "GET", "/readyz"))[::2] == (503, b"not ready")
+    finally:
+        holder.close()
+        await server.stop()
 
 
 async def test_stop_drops_open_connections_quietly(
@@ -333,5 +458,9 @@ async def test_stop_drops_open_connections_quietly(
 def test_rejects_invalid_options(metrics: Metrics) -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         OperatorHTTP(metrics=metrics, ready=lambda: True, timeout_s=0)
-    with pytest.raises(ValueError, match="max_connections"):
+    with pytest.raises(ValueError, match="request_line_timeout_s"):
+        OperatorHTTP(metrics=metrics, ready=lambda: True, request_line_timeout_s=0)
+    with pytest.raises(ValueError, match="max_connections "):
         OperatorHTTP(metrics=metrics, ready=lambda: True, max_connections=0)
+    with pytest.raises(ValueError, match="max_connections_per_source"):
+        OperatorHTTP(metrics=metrics, ready=lambda: True, max_connections_per_source=0)
