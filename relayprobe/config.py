@@ -381,6 +381,24 @@ class Settings:
             metavar="R",
         ),
     )
+    sink_recipient_timeout: float = field(
+        default=10.0,
+        metadata=_option(
+            parse_seconds,
+            "seconds a sink connection has to name a recipient of a running test",
+            commands=_SERVE,
+            metavar="S",
+        ),
+    )
+    sink_message_bytes_per_second: int = field(
+        default=64 * 1024,
+        metadata=_option(
+            parse_count,
+            "message bytes per second the sink reads from one prefix",
+            commands=_SERVE,
+            metavar="N",
+        ),
+    )
     confirm: bool = field(
         default=True,
         metadata=_option(parse_bool, "prove relaying by delivery to the canary sink", flag=True),
@@ -592,6 +610,8 @@ class Settings:
             max_unknown_recipients=self.sink_max_unknown_recipients,
             unknown_recipients_per_minute=self.sink_unknown_recipients_per_minute,
             replies_per_second=self.sink_replies_per_second,
+            recipient_timeout=self.sink_recipient_timeout,
+            message_bytes_per_second=self.sink_message_bytes_per_second,
         )
 
     def test_options(self) -> RelayTestOptions:

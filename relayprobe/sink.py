@@ -2,8 +2,9 @@
 
 It is no open mailbox: RCPT is accepted only for a token the registry holds as pending, a message
 counts only when its body carries the token's secret, and every connection is bounded in count
-(per address, per prefix and in all), idle time, total time, message size, unknown recipients and
-reply rate (see `SinkLimits`).
+(per address, per prefix and in all), idle time, total time, time until it names a pending test's
+recipient, message size, message bytes per second, unknown recipients and reply rate (see
+`SinkLimits`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, AnyStr, cast
+from typing import Any, AnyStr, NoReturn, cast
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -23,19 +25,22 @@ from relayprobe.access import IPAddress, unmap_ipv4
 from relayprobe.canary import CanaryRegistry, token_from_address
 from relayprobe.sinklimits import Refusal, SinkGuard, SinkLimits
 
+# The sink's connections are known to its guard by their transports.
+_Guard = SinkGuard[asyncio.BaseTransport]
+
 NO_SUCH_TEST = "550 5.1.1 No such test"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_MANY_UNKNOWN = "421 4.7.0 Too many unknown recipients, closing connection"
 RECEIVED = "250 2.0.0 Test message received"
 NOT_A_TEST_MESSAGE = "554 5.7.1 Not a test message of this service: it is not counted"
 INTERNAL_ERROR = "451 4.3.0 Internal error"
+MESSAGE_TOO_BIG = "552 5.3.4 Message too big, closing connection"
+# RFC 5321 4.5.3.1.6: 1,000 octets with the CRLF; aiosmtpd's StreamReader allows one more.
+LINE_TOO_LONG = "500 5.5.2 Line too long, closing connection"
 TOO_MANY_CONNECTIONS = b"421 4.3.2 Too many connections, try again later\r\n"
-REFUSALS: dict[Refusal, bytes] = {
-    "capacity": TOO_MANY_CONNECTIONS,
-    "address": TOO_MANY_CONNECTIONS,
-    "prefix": TOO_MANY_CONNECTIONS,
-    "throttled": b"421 4.7.0 Too many unknown recipients from your network, try again later\r\n",
-}
+NO_TEST_RECIPIENT = (
+    b"421 4.4.2 No recipient of a running test named in time, closing connection\r\n"
+)
 IDENT = "relayprobe canary sink"
 # A relay delivers one probe's message at a time; a hundred recipients is already generous.
 MAX_RECIPIENTS = 100
@@ -72,6 +77,7 @@ class _CanaryHandler:
             return cast(_SinkConnection, server).unknown_recipient()
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return TOO_MANY_RECIPIENTS
+        cast(_SinkConnection, server).delivering()
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -135,7 +141,7 @@ class _SinkConnection(SMTP):
         handler: _CanaryHandler,
         *,
         source: IPAddress,
-        guard: SinkGuard,
+        guard: _Guard,
         limits: SinkLimits,
         connections: _Connections,
         **smtp_options: Any,
@@ -147,30 +153,47 @@ class _SinkConnection(SMTP):
             **smtp_options,
         )
         self.source = source
+        self._canary = handler
         self._guard = guard
         self._limits = limits
         self._connections = connections
+        self._admitted: asyncio.BaseTransport | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._recipient_deadline: asyncio.TimerHandle | None = None
         self._unknown_recipients = 0
         self._hanging_up = False
         connections.live.add(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._admitted = transport
         self._deadline = self.loop.call_later(self._limits.connection_timeout, transport.close)
+        # Until it names a pending test's recipient, a connection is only a claim on a slot.
+        self._recipient_deadline = self.loop.call_later(
+            self._limits.recipient_timeout, _hang_up, transport, NO_TEST_RECIPIENT
+        )
         if self._handler_coroutine is not None:
             self._connections.track(self._handler_coroutine)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
+        for deadline in (self._deadline, self._recipient_deadline):
+            if deadline is not None:
+                deadline.cancel()
         self._connections.live.discard(self)
-        self._guard.release(self.source)
+        if self._admitted is not None:
+            self._guard.release(self._admitted)
         super().connection_lost(error)
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def delivering(self) -> None:
+        """This connection named a pending test's recipient: no deadline for that, no eviction."""
+        if self._recipient_deadline is not None:
+            self._recipient_deadline.cancel()
+        if self._admitted is not None:
+            self._guard.delivering(self._admitted)
 
     def unknown_recipient(self) -> str:
         """The reply to an unknown recipient: 550 while this connection and its source have
@@ -189,11 +212,51 @@ class _SinkConnection(SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         await super().smtp_RCPT(arg)
         if self._hanging_up:
-            assert self.transport is not None and self._handler_coroutine is not None
-            self.transport.close()
-            self._handler_coroutine.cancel()
-            # The cancellation lands here: no command already buffered is read after the 421.
-            await asyncio.sleep(0)
+            self._end()
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        assert self.envelope is not None and self.session is not None
+        if arg or not self.envelope.rcpt_tos:
+            # aiosmtpd's 501 or 503; it reads no message then.
+            await super().smtp_DATA(arg)
+            return
+        # aiosmtpd's own DATA reads to the final dot however big the message, and only then
+        # answers 552; this one stops at the limit and paces the bytes of each prefix.
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_message()
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._canary.handle_DATA(self, self.session, self.envelope)
+        self.envelope = self._create_envelope()
+        await self.push(status)
+
+    async def _read_message(self) -> bytes:
+        """The message up to its final dot, dot-unstuffed (RFC 5321 4.5.2). Past
+        `max_message_bytes`, or a line past the line limit, the connection ends."""
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError:
+                await self.push(LINE_TOO_LONG)
+                self._end()
+            if line == b".\r\n":
+                return b"".join(lines)
+            size += len(line)
+            if size > self._limits.max_message_bytes:
+                await self.push(MESSAGE_TOO_BIG)
+                self._end()
+            lines.append(line[1:] if line.startswith(b".") else line)
+            # At least one line per connection per turn of the event loop, and no more bytes
+            # than the prefix's budget: a stream of DATA is paced as replies are.
+            await asyncio.sleep(self._guard.message_delay(self.source, len(line)))
+
+    def _end(self) -> NoReturn:
+        """Close now and end this connection's task as a hang-up would: nothing already
+        buffered is read after."""
+        assert self.transport is not None
+        self.transport.close()
+        raise asyncio.CancelledError
 
     async def push(self, status: AnyStr) -> None:
         await super().push(status)
@@ -210,6 +273,11 @@ class _Gate(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._admit(transport)
+
+
+def _hang_up(transport: asyncio.BaseTransport, reply: bytes) -> None:
+    cast(asyncio.WriteTransport, transport).write(reply)
+    transport.close()
 
 
 def _peer_address(transport: asyncio.BaseTransport) -> IPAddress | None:
@@ -253,6 +321,7 @@ class CanarySink:
         self.deliveries = 0
         self.unproven = 0
         self.refused: Counter[Refusal] = Counter()
+        self.evicted = 0
 
     @property
     def connections(self) -> int:
@@ -266,12 +335,18 @@ class CanarySink:
         logging.getLogger("mail.log").disabled = True
         loop = asyncio.get_running_loop()
         connections = self._connections = _Connections()
-        guard = SinkGuard(self._limits, clock=self._clock)
+        guard = _Guard(self._limits, clock=self._clock)
         self._server = await loop.create_server(
             lambda: _Gate(lambda transport: self._admit(transport, loop, connections, guard)),
             host,
             port,
+            start_serving=False,
         )
+        for listener in self._server.sockets:
+            # Accepted sockets inherit it. Paced reading leaves a stream of DATA in the kernel,
+            # which would otherwise grow the buffer to megabytes per connection.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._limits.max_message_bytes)
+        await self._server.start_serving()
         bound = self._server.sockets[0].getsockname()
         log.info("canary_sink_listening", host=bound[0], port=bound[1])
         return str(bound[0]), int(bound[1])
@@ -290,20 +365,23 @@ class CanarySink:
         transport: asyncio.BaseTransport,
         loop: asyncio.AbstractEventLoop,
         connections: _Connections,
-        guard: SinkGuard,
+        guard: _Guard,
     ) -> None:
-        """Hand a new connection to SMTP, or refuse it with 421 (or, when stopping, just close)."""
+        """Hand a new connection to SMTP, or refuse it with 421 (or, when stopping, just close).
+        When full, a connection that has not named a pending test's recipient may be evicted
+        (421) to make room."""
         source = _peer_address(transport)
         if connections.closing or source is None:
             transport.close()
             return
-        refusal = guard.admit(source)
-        if refusal is not None:
-            self.refused[refusal] += 1
-            writable = cast(asyncio.WriteTransport, transport)
-            writable.write(REFUSALS[refusal])
-            writable.close()
+        admission = guard.admit(transport, source)
+        if isinstance(admission, str):
+            self.refused[admission] += 1
+            _hang_up(transport, TOO_MANY_CONNECTIONS)
             return
+        if admission.evicted is not None:
+            self.evicted += 1
+            _hang_up(admission.evicted, TOO_MANY_CONNECTIONS)
         connection = _SinkConnection(
             self._handler,
             source=source,
