@@ -45,7 +45,9 @@ NO_SINK_NOTE = (
 async def service() -> AsyncIterator[Service]:
     started: list[ReflectorService] = []
 
-    async def start(target_port: int, **changes: object) -> tuple[ReflectorService, Endpoint]:
+    async def start(
+        target_port: int, *, registry: InMemoryRegistry | None = None, **changes: object
+    ) -> tuple[ReflectorService, Endpoint]:
         changes = {
             "listen": (Endpoint("127.0.0.1", 0),),
             "reply_timeout": 2.0,
@@ -53,7 +55,7 @@ async def service() -> AsyncIterator[Service]:
             **changes,
         }
         settings = dataclasses.replace(Settings(), target_port=target_port, **changes)  # type: ignore[arg-type]
-        service = ReflectorService(settings)
+        service = ReflectorService(settings, registry=registry)
         (endpoint, *_) = await service.start()
         started.append(service)
         return service, endpoint
@@ -491,34 +493,22 @@ class _NeverDelivers(FakeMailServer):
 
 @pytest.mark.parametrize("half_closed", [False, True], ids=["hang-up", "half-close, hang-up"])
 async def test_hang_up_while_waiting_for_test_messages_ends_within_a_second(
-    start_server: StartServer, half_closed: bool
+    start_server: StartServer, service: Service, half_closed: bool
 ) -> None:
     port = await start_server(_NeverDelivers())
-    settings = dataclasses.replace(
-        Settings(),
-        listen=(Endpoint("127.0.0.1", 0),),
-        target_port=port,
-        reply_timeout=2.0,
-        rate_limit=False,
-        confirm_wait=20.0,
-    )
-    svc = ReflectorService(settings, registry=InMemoryRegistry())
-    (endpoint,) = await svc.start()
-    try:
-        if half_closed:
-            reader, writer = await _half_closed_call(endpoint)
-        else:
-            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
-        await asyncio.wait_for(reader.readuntil(b":Waiting up to 20 s for relayed test"), 10)
-        await asyncio.sleep(0.3)  # the test is silent now
-        writer.close()
-        left = time.monotonic()
-        while svc.sessions and time.monotonic() - left < 2:
-            await asyncio.sleep(0.01)
-        assert not svc.sessions
-        assert time.monotonic() - left < 1.0
-    finally:
-        await svc.shutdown(grace=1.0)
+    svc, endpoint = await service(port, registry=InMemoryRegistry(), confirm_wait=20.0)
+    if half_closed:
+        reader, writer = await _half_closed_call(endpoint)
+    else:
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    await asyncio.wait_for(reader.readuntil(b":Waiting up to 20 s for relayed test"), 10)
+    await asyncio.sleep(0.3)  # the test is silent now
+    writer.close()
+    left = time.monotonic()
+    while svc.sessions and time.monotonic() - left < 2:
+        await asyncio.sleep(0.01)
+    assert not svc.sessions
+    assert time.monotonic() - left < 1.0
 
 
 async def test_telnet_byte_flood_is_cut_off_and_others_are_served(
@@ -630,30 +620,18 @@ async def test_callers_that_leave_at_once_do_not_use_up_the_global_rate(
 
 
 async def test_a_hang_up_lets_at_most_one_more_command_out(
-    start_server: StartServer,
+    start_server: StartServer, service: Service
 ) -> None:
     """Before: a FIN was re-checked only 0.25 s later, and DATA followed RCPT for nobody."""
     mail = FakeMailServer(relay=relays_everything, reply_delay=0.2)
-    port = await start_server(mail)
-    settings = dataclasses.replace(
-        Settings(),
-        listen=(Endpoint("127.0.0.1", 0),),
-        target_port=port,
-        reply_timeout=2.0,
-        rate_limit=False,
-    )
-    svc = ReflectorService(settings, registry=InMemoryRegistry())
-    (endpoint,) = await svc.start()
-    try:
-        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
-        # Hang up while the server thinks over an accepted probe's RCPT: its DATA would follow.
-        await asyncio.wait_for(reader.readuntil(b">>> RCPT TO:<nobody-"), 10)
-        mail.closed.clear()
-        at_hang_up = len(mail.commands)
-        writer.close()
-        await asyncio.wait_for(mail.closed.wait(), 1.0)
-    finally:
-        await svc.shutdown(grace=1.0)
+    _, endpoint = await service(await start_server(mail), registry=InMemoryRegistry())
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    # Hang up while the server thinks over an accepted probe's RCPT: its DATA would follow.
+    await asyncio.wait_for(reader.readuntil(b">>> RCPT TO:<nobody-"), 10)
+    mail.closed.clear()
+    at_hang_up = len(mail.commands)
+    writer.close()
+    await asyncio.wait_for(mail.closed.wait(), 1.0)
     after = [command for command in mail.commands[at_hang_up:] if command not in (b"QUIT", b"RSET")]
     assert len(after) <= 1, after
     assert mail.commands[-1] == b"QUIT"

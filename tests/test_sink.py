@@ -283,15 +283,16 @@ async def test_message_bytes_are_paced_per_prefix(start_sink: StartSink) -> None
     streamer, _ = await Client.connect(port, "127.0.0.2")
     started = loop.time()
     assert await streamer.send_message([address(TOKEN)], big) == 250
-    assert loop.time() - started > 0.4
-    # Another prefix has a budget of its own.
+    paced = loop.time() - started
+    assert paced > 0.4
+    # Another prefix has a budget of its own: its message is not held back.
     relay, _ = await Client.connect(port, "127.0.1.2")
     started = loop.time()
     assert (
         await relay.send_message([address(OTHER_TOKEN)], proof_message(registry, OTHER_TOKEN))
         == 250
     )
-    assert loop.time() - started < 0.3
+    assert loop.time() - started < paced / 2
     for client in (streamer, relay):
         await client.close()
 
@@ -658,12 +659,16 @@ async def test_a_bad_rcpt_flood_leaves_the_event_loop_responsive() -> None:
     """Finding 6: 50 connections pipelining wrong RCPTs once stalled the loop for seconds.
 
     The flood runs in another process for 2 s; this loop runs the sink, a 10 ms ticker and a
-    relay delivering every 0.2 s. Quiet, the ticker is late by about 0.1 ms; on the old sink it
-    was late by up to 4 s. The bounds leave room for a busy test machine.
+    relay delivering every 0.2 s. What bounds the loop's work is asserted: the replies the sink
+    gave, all connections together, stay within its reply rate, and the relay still delivers.
+    The lag itself is timing, measured by benchmarks.sink_flood (docs/performance.md), and only
+    printed here.
     """
-    report = await sink_flood.measure(connections=50, seconds=2.0, spread="prefixes")
+    seconds = 2.0
+    report = await sink_flood.measure(connections=50, seconds=seconds, spread="prefixes")
     print(*report.lines(), sep="\n")
     assert report.flood["reply_421"] > 0
-    assert report.max_lag_s < 0.25
-    assert report.p99_lag_s < 0.1
+    answered = sum(count for kind, count in report.flood.items() if kind.startswith("reply_"))
+    # The bucket's burst is one second's worth, and the flooders' last replies may land late.
+    assert answered <= SinkLimits().replies_per_second * (seconds + 2)
     assert report.failed_deliveries == 0 and report.deliveries_s
