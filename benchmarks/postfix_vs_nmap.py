@@ -1,7 +1,8 @@
 """Time `relayprobe check` against nmap's smtp-open-relay on the real Postfix instances.
 
-Both tools test the closed (127.0.0.2) and the open (127.0.0.3) instance of
-tests/infra/postfix.sh, each R times, alternating so neither gets a warmer machine. Stock
+Both tools test the closed (127.0.0.2), the open (127.0.0.3) and the TLS-requiring open
+(127.0.0.4: 530 until STARTTLS) instance of tests/infra/postfix.sh, each R times, alternating so
+neither gets a warmer machine. Stock
 Postfix delays every reply once a session has 10 errors; nmap's 16 probes share one session
 and pay for it, relayprobe's are meant not to. The table shows, per tool and target, the
 median wall-clock time, the result, and how many sessions reached Postfix's error limits.
@@ -30,6 +31,7 @@ from tests.infra.postfix import (
     OPEN_HOST,
     SMTP_PORT,
     TEST_DOMAIN,
+    TLS_OPEN_HOST,
     PostfixStartError,
     ensure_started,
     error_limit_hits,
@@ -37,7 +39,7 @@ from tests.infra.postfix import (
     postfix_available,
 )
 
-TARGETS = {CLOSED_HOST: "closed", OPEN_HOST: "open"}
+TARGETS = {CLOSED_HOST: "closed", OPEN_HOST: "open", TLS_OPEN_HOST: "tls-open"}
 MAX_REPEAT = 20
 RUN_TIMEOUT_S = 120.0
 
@@ -133,11 +135,14 @@ def nmap_command(target: str) -> list[str]:
 
 
 def relayprobe_result(completed: subprocess.CompletedProcess[str]) -> Result:
-    """'rejected (0/20 accepted)' from `check --json` output, or what went wrong."""
+    """'rejected (0/20 accepted)' from `check --json` output, with the TLS handshakes it took
+    ('accepted (19/20 accepted, 3 TLS handshakes)'), or what went wrong."""
     try:
         result = json.loads(completed.stdout)
         accepted = f"{result['accepted']}/{len(result['probes'])} accepted"
-        return Result(f"{result['verdict']} ({accepted})", completed=True)
+        handshakes = result["transcript"].count(">>> STARTTLS")
+        tls = f", TLS handshakes: {handshakes}" if handshakes else ""
+        return Result(f"{result['verdict']} ({accepted}{tls})", completed=True)
     except (ValueError, KeyError, TypeError):
         return _failure(completed)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import ssl
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -18,6 +19,7 @@ from relayprobe.http import OperatorHTTP
 from relayprobe.metrics import Metrics
 from relayprobe.server import ReflectorService, StartupError, bind_advice
 from relayprobe.sink import CanarySink
+from relayprobe.sinktls import SinkTLSError, sink_tls_context
 from relayprobe.store import HistoryWriter
 
 log = structlog.get_logger("relayprobe")
@@ -26,6 +28,18 @@ log = structlog.get_logger("relayprobe")
 def new_registry(settings: Settings) -> InMemoryRegistry | None:
     """The token registry when delivery confirmation is on."""
     return InMemoryRegistry() if settings.confirmation_off_reason() is None else None
+
+
+def sink_tls(settings: Settings) -> ssl.SSLContext:
+    """The canary sink's TLS context; a certificate or key that cannot be used stops the start."""
+    try:
+        return sink_tls_context(
+            hostname=settings.helo_name,
+            cert_file=settings.sink_tls_cert,
+            key_file=settings.sink_tls_key,
+        )
+    except SinkTLSError as exc:
+        raise StartupError(None, f"canary sink: {exc}") from None
 
 
 @contextlib.asynccontextmanager
@@ -46,6 +60,7 @@ async def canary_sink(
         hostname=settings.helo_name,
         limits=settings.sink_limits(),
         on_delivery=on_delivery,
+        tls=sink_tls(settings),
     )
     try:
         host, port = await sink.start(endpoint.host, endpoint.port)

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import structlog
 
 from relayprobe import __version__, runtime
-from relayprobe.app import Application, canary_sink, new_registry
+from relayprobe.app import Application, canary_sink, new_registry, sink_tls
 from relayprobe.config import ConfigError, Settings, add_options, load_settings
 from relayprobe.demo import run_demo
 from relayprobe.engine import run_relay_test
@@ -178,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return runtime.run(_check(args["target"], settings, as_json=args["json"]))
         if command == "serve":
             if args["check_config"]:
+                if settings.sink_tls_cert is not None:
+                    sink_tls(settings)
                 print("configuration OK")
                 return 0
             configure_logging(settings.log_format)

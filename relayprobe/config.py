@@ -188,7 +188,7 @@ def parse_days(value: object) -> float:
 def parse_path(value: object) -> str:
     text = _text(value)
     if not text:
-        raise ValueError("expected a directory path")
+        raise ValueError("expected a path")
     if "\0" in text:
         raise ValueError(f"a path cannot hold a NUL character: {text!r}")
     return text
@@ -201,11 +201,20 @@ def parse_suite(value: object) -> str:
     return name
 
 
-def parse_log_format(value: object) -> str:
-    name = _text(value)
-    if name not in {"json", "console", "auto"}:
-        raise ValueError(f"expected json, console or auto, got {name!r}")
-    return name
+def one_of(*names: str) -> Callable[[object], str]:
+    """A parser that takes exactly one of `names`."""
+    expected = f"{', '.join(names[:-1])} or {names[-1]}"
+
+    def parse(value: object) -> str:
+        name = _text(value)
+        if name not in names:
+            raise ValueError(f"expected {expected}, got {name!r}")
+        return name
+
+    return parse
+
+
+parse_log_format = one_of("json", "console", "auto")
 
 
 def _option(
@@ -231,7 +240,9 @@ def _option(
 
 _SERVE = frozenset({"serve"})
 _STATE = frozenset({"serve", "history"})
-_NOT_FOR_DEMO = frozenset({"target_port", "sink_listen", "confirm", "confirm_wait"})
+_NOT_FOR_DEMO = frozenset(
+    {"target_port", "sink_listen", "sink_tls_cert", "sink_tls_key", "confirm", "confirm_wait"}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -287,6 +298,18 @@ class Settings:
         metadata=_option(
             parse_endpoint, "run the canary sink for the test domain here", metavar="ADDR:PORT"
         ),
+    )
+    sink_tls_cert: str | None = field(
+        default=None,
+        metadata=_option(
+            parse_path,
+            "PEM certificate chain the sink offers in STARTTLS (none: a throwaway self-signed one)",
+            metavar="FILE",
+        ),
+    )
+    sink_tls_key: str | None = field(
+        default=None,
+        metadata=_option(parse_path, "PEM private key of --sink-tls-cert", metavar="FILE"),
     )
     sink_max_connections: int = field(
         default=100,
@@ -406,6 +429,14 @@ class Settings:
     confirm_wait: float = field(
         default=30.0,
         metadata=_option(parse_seconds, "seconds to wait for relayed test messages", metavar="S"),
+    )
+    starttls: str = field(
+        default="auto",
+        metadata=_option(
+            one_of("auto", "always", "never"),
+            "auto: STARTTLS when the server requires it; always: whenever offered; never",
+            metavar="WHEN",
+        ),
     )
     allow: tuple[str, ...] = field(
         default=(),
@@ -627,6 +658,7 @@ class Settings:
             deadline=self.deadline,
             rdns_timeout=self.rdns_timeout,
             confirm_wait=self.confirm_wait,
+            starttls=self.starttls,
             operator=self.helo_name,
             notes=(f"delivery confirmation is off: {off}",) if off else (),
         )
@@ -774,4 +806,8 @@ def load_settings(
         settings.sink_limits()
     except ValueError as exc:
         raise ConfigError(f"sink limits: {exc}") from None
+    if (settings.sink_tls_cert is None) != (settings.sink_tls_key is None):
+        raise ConfigError(
+            "sink_tls_cert and sink_tls_key: give both, or neither for a throwaway certificate"
+        )
     return settings

@@ -60,6 +60,98 @@ class ProbeFinished:
     outcome: Outcome
     reply: str
     form: AddressForm = AddressForm.PLAIN
+    tls: bool = False
+    """Whether the probe ran over TLS."""
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """The tested server's certificate, sanitised; never verified."""
+
+    subject: str
+    issuer: str
+    not_after: str
+    """The last day it is valid, ISO 8601."""
+    self_signed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TlsStarted:
+    """STARTTLS succeeded: what was negotiated (values sanitised)."""
+
+    version: str
+    cipher: str
+    certificate: Certificate | None
+
+
+@dataclass(frozen=True, slots=True)
+class Greeted:
+    """The server's first greeting, sanitised, and the host name it gives, if any."""
+
+    banner: str
+    host_name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOffered:
+    """EHLO listed STARTTLS."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsDemanded:
+    """The server refused MAIL or RCPT until STARTTLS."""
+
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class TlsUnused:
+    """TLS could not be used: STARTTLS refused, or its handshake failed."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmationEnded:
+    """The wait for test messages is over; `Relayed` events said which arrived."""
+
+    sent: tuple[str, ...]
+    """Probes whose test message the tested server took."""
+    wait_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something worth a `Note:` line in the summary."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTestEnded:
+    """The last event before the summary: how the test ended, and what it tested."""
+
+    incomplete: str | None
+    """Why the test could not finish; None when it did."""
+    host: str
+    """The tested host's name: its PTR name, the name in its banner, or its address."""
+    started_at: float
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class TlsReport:
+    """What the test found out about the server's TLS."""
+
+    offered: bool
+    """EHLO listed STARTTLS."""
+    required: bool
+    """The server refused MAIL or RCPT until STARTTLS."""
+    used: TlsStarted | None
+    """The TLS the probes last ran over, if any."""
+
+
+NO_TLS = TlsReport(offered=False, required=False, used=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +176,24 @@ class Summary:
     probes: tuple[ProbeFinished, ...]
     started_at: float
     duration_s: float
+    tls: TlsReport = NO_TLS
 
 
-Event = Connecting | Sent | Received | Progress | ProbeStarted | ProbeFinished | Relayed | Summary
+Event = (
+    Connecting
+    | Greeted
+    | Sent
+    | Received
+    | Progress
+    | ProbeStarted
+    | ProbeFinished
+    | TlsOffered
+    | TlsDemanded
+    | TlsStarted
+    | TlsUnused
+    | Relayed
+    | ConfirmationEnded
+    | Note
+    | RelayTestEnded
+    | Summary
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ class SessionState:
     commands: list[bytes] = field(default_factory=list)
     rcpt_count: int = 0
     recipients: list[bytes] = field(default_factory=list)
+    tls: bool = False
 
 
 class FakeMailServer:
@@ -54,8 +56,13 @@ class FakeMailServer:
         reply_delay: float = 0.0,
         forward_to: tuple[str, int] | None = None,
         forward_domain: str = "relaytest.invalid",
+        tls: ssl.SSLContext | None = None,
+        require_tls: bool = False,
     ) -> None:
+        """With `tls`, EHLO offers STARTTLS; with `require_tls` too, MAIL before it gets 530."""
         self.hostname = hostname
+        self.tls = tls
+        self.require_tls = require_tls
         self.relay = relay
         self.reply_delay = reply_delay
         self.forward_to = forward_to
@@ -99,7 +106,14 @@ class FakeMailServer:
         verb, _, argument = line.partition(b" ")
         verb = verb.upper()
         if verb == b"EHLO":
-            return f"250-{self.hostname}\r\n250-PIPELINING\r\n250 8BITMIME".encode()
+            starttls = "250-STARTTLS\r\n" if self.tls is not None and not session.tls else ""
+            return f"250-{self.hostname}\r\n{starttls}250-PIPELINING\r\n250 8BITMIME".encode()
+        if verb == b"STARTTLS":
+            if self.tls is None or session.tls:
+                return b"502 5.5.1 Command not implemented"
+            return b"220 2.0.0 Ready to start TLS"
+        if self.require_tls and not session.tls and verb in {b"MAIL", b"RCPT", b"RSET"}:
+            return b"530 5.7.0 Must issue a STARTTLS command first"
         if verb == b"HELO":
             return f"250 {self.hostname}".encode()
         if verb == b"MAIL":
@@ -162,6 +176,10 @@ class FakeMailServer:
             if command.upper() == b"QUIT":
                 self.quits += 1
                 return
+            if command.upper() == b"STARTTLS" and reply.startswith(b"220"):
+                assert self.tls is not None
+                await writer.start_tls(self.tls)
+                session.tls = True
             if command.upper() == b"DATA" and reply.startswith(b"354"):
                 message = await self._message(reader)
                 self.messages.append(message)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from relayprobe.events import (
+    Certificate,
     Connecting,
     Event,
     Outcome,
@@ -17,7 +18,50 @@ from relayprobe.events import (
     Relayed,
     Sent,
     Summary,
+    TlsReport,
+    TlsStarted,
 )
+
+_TLS_VERSIONS = {"TLSv1.2": "TLS 1.2", "TLSv1.3": "TLS 1.3"}
+
+
+def tls_line(tls: TlsStarted) -> str:
+    """`TLS 1.3, TLS_AES_256_GCM_SHA384, certificate CN=mx.example.net, self-signed, expires
+    2027-03-01`: what STARTTLS negotiated, in one line."""
+    parts = [_TLS_VERSIONS.get(tls.version, tls.version), tls.cipher]
+    certificate = tls.certificate
+    if certificate is None:
+        parts.append("no certificate shown")
+    else:
+        parts.append(f"certificate {certificate.subject}")
+        parts.append(
+            "self-signed" if certificate.self_signed else f"issued by {certificate.issuer}"
+        )
+        parts.append(f"expires {certificate.not_after}")
+    return ", ".join(parts)
+
+
+def _certificate_json(certificate: Certificate | None) -> dict[str, Any] | None:
+    if certificate is None:
+        return None
+    return {
+        "subject": certificate.subject,
+        "issuer": certificate.issuer,
+        "not_after": certificate.not_after,
+        "self_signed": certificate.self_signed,
+    }
+
+
+def _tls_json(tls: TlsReport) -> dict[str, Any]:
+    used = tls.used
+    return {
+        "offered": tls.offered,
+        "required": tls.required,
+        "used": used is not None,
+        "version": None if used is None else _TLS_VERSIONS.get(used.version, used.version),
+        "cipher": None if used is None else used.cipher,
+        "certificate": None if used is None else _certificate_json(used.certificate),
+    }
 
 
 def text_lines(event: Event) -> tuple[str, ...]:
@@ -33,11 +77,15 @@ def text_lines(event: Event) -> tuple[str, ...]:
             return (f":Relay test: #{name}",)
         case Progress(text=text):
             return (f":{text}",)
+        case TlsStarted():
+            return (f":{tls_line(event)}",)
         case Relayed(name=name, after_s=after_s, source=source):
             return (f":Relayed: {name} arrived after {after_s:.1f} s from {source}",)
         case Summary(lines=lines):
             return lines
-        case ProbeFinished():
+        case _:
+            # The rest (Greeted, ProbeFinished, TLS states, Note, RelayTestEnded...) are facts for
+            # the summary: their lines are the summary's.
             return ()
 
 
@@ -62,6 +110,7 @@ def json_result(summary: Summary, transcript: Sequence[str]) -> dict[str, Any]:
         "deferred": _count(probes, Outcome.DEFERRED),
         "rejected": _count(probes, Outcome.REJECTED),
         "errors": _count(probes, Outcome.ERROR),
+        "tls": _tls_json(summary.tls),
         "summary": list(summary.lines),
         "probes": [
             {
@@ -71,6 +120,7 @@ def json_result(summary: Summary, transcript: Sequence[str]) -> dict[str, Any]:
                 "outcome": probe.outcome.value,
                 "reply": probe.reply,
                 "form": probe.form.value,
+                "tls": probe.tls,
             }
             for probe in probes
         ],

@@ -4,26 +4,31 @@ It is no open mailbox: RCPT is accepted only for a token the registry holds as p
 counts only when its body carries the token's secret, and every connection is bounded in count
 (per address, per prefix and in all), idle time, total time, time until it names a pending test's
 recipient, message size, message bytes per second, unknown recipients and reply rate (see
-`SinkLimits`).
+`SinkLimits`). It offers STARTTLS (never requires it) with the operator's certificate or a throwaway
+one, and the limits hold over TLS as before: a connection keeps its slot and deadlines through the
+upgrade, and the handshake gets no longer than the wait between two commands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, AnyStr, NoReturn, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from relayprobe.access import IPAddress, unmap_ipv4
 from relayprobe.canary import CanaryRegistry, token_from_address
 from relayprobe.sinklimits import Refusal, SinkGuard, SinkLimits
+from relayprobe.sinktls import sink_tls_context
 
 # The sink's connections are known to its guard by their transports.
 _Guard = SinkGuard[asyncio.BaseTransport]
@@ -37,6 +42,7 @@ INTERNAL_ERROR = "451 4.3.0 Internal error"
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big, closing connection"
 # RFC 5321 4.5.3.1.6: 1,000 octets with the CRLF; aiosmtpd's StreamReader allows one more.
 LINE_TOO_LONG = "500 5.5.2 Line too long, closing connection"
+TLS_ALREADY_ACTIVE = "503 5.5.1 TLS already active"
 TOO_MANY_CONNECTIONS = b"421 4.3.2 Too many connections, try again later\r\n"
 NO_TEST_RECIPIENT = (
     b"421 4.4.2 No recipient of a running test named in time, closing connection\r\n"
@@ -103,6 +109,19 @@ class _CanaryHandler:
         self._on_message(arrived, source)
         return RECEIVED
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # aiosmtpd offers AUTH once TLS is on. The sink has no accounts, and a relay that sees
+        # AUTH might send it credentials.
+        session.host_name = hostname
+        return [line for line in responses if not line.startswith("250-AUTH")]
+
     async def handle_exception(self, error: Exception) -> str:
         # Replaces aiosmtpd's own handler, which logs the traceback with client data in it.
         log.error("canary_sink_error", error=type(error).__name__)
@@ -110,10 +129,11 @@ class _CanaryHandler:
 
 
 class _Connections:
-    """The sink's live connections and their tasks, so that stop() leaves nothing running."""
+    """The sink's live connections, by the transport they were admitted on, and their tasks, so
+    that stop() leaves nothing running."""
 
     def __init__(self) -> None:
-        self.live: set[_SinkConnection] = set()
+        self.live: dict[asyncio.BaseTransport, _SinkConnection] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
 
@@ -126,7 +146,7 @@ class _Connections:
 
     async def close_all(self) -> None:
         self.closing = True
-        for connection in list(self.live):
+        for connection in list(self.live.values()):
             connection.close()
         # Connections accepted just before the listener closed join late and are closed at once.
         while self.tasks:
@@ -162,15 +182,19 @@ class _SinkConnection(SMTP):
         self._recipient_deadline: asyncio.TimerHandle | None = None
         self._unknown_recipients = 0
         self._hanging_up = False
-        connections.live.add(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._admitted is not None:
+            # Again after STARTTLS, with the TLS transport: the same connection, whose slot and
+            # deadlines stay as they are.
+            return
         self._admitted = transport
-        self._deadline = self.loop.call_later(self._limits.connection_timeout, transport.close)
+        self._connections.live[transport] = self
+        self._deadline = self.loop.call_later(self._limits.connection_timeout, self.close)
         # Until it names a pending test's recipient, a connection is only a claim on a slot.
         self._recipient_deadline = self.loop.call_later(
-            self._limits.recipient_timeout, _hang_up, transport, NO_TEST_RECIPIENT
+            self._limits.recipient_timeout, self.hang_up, NO_TEST_RECIPIENT
         )
         if self._handler_coroutine is not None:
             self._connections.track(self._handler_coroutine)
@@ -179,14 +203,28 @@ class _SinkConnection(SMTP):
         for deadline in (self._deadline, self._recipient_deadline):
             if deadline is not None:
                 deadline.cancel()
-        self._connections.live.discard(self)
         if self._admitted is not None:
+            self._connections.live.pop(self._admitted, None)
             self._guard.release(self._admitted)
         super().connection_lost(error)
 
     def close(self) -> None:
+        """Close now. Over TLS: after sending close_notify, without waiting for the peer's,
+        which asyncio would wait for up to 30 s."""
         if self.transport is not None:
             self.transport.close()
+        if self._admitted is not None:
+            self._admitted.close()
+
+    def hang_up(self, reply: bytes) -> None:
+        """Send `reply` (over TLS if it is on) and close."""
+        if self.transport is not None:
+            cast(asyncio.WriteTransport, self.transport).write(reply)
+        self.close()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd's idle timeout closes only the TLS layer, which then waits for the peer.
+        self.close()
 
     def delivering(self) -> None:
         """This connection named a pending test's recipient: no deadline for that, no eviction."""
@@ -213,6 +251,28 @@ class _SinkConnection(SMTP):
         await super().smtp_RCPT(arg)
         if self._hanging_up:
             self._end()
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self._tls_protocol is not None:
+            # aiosmtpd would start TLS inside TLS.
+            await self.push(TLS_ALREADY_ACTIVE)
+            return
+        # A client that says STARTTLS and then stalls gets no longer than between two commands.
+        with contextlib.suppress(TimeoutError, TLSSetupException):
+            async with asyncio.timeout(self._limits.idle_timeout):
+                await super().smtp_STARTTLS(arg)
+        assert self.session is not None
+        if self._tls_protocol is not None and self.session.ssl is None:
+            self._drop_unencrypted()
+
+    def _drop_unencrypted(self) -> NoReturn:
+        """End a connection whose TLS handshake failed, stalled or was cut off. asyncio's TLS
+        layer reports the loss of a connection only after a handshake: it is reported here."""
+        assert self._admitted is not None
+        cast(asyncio.WriteTransport, self._admitted).abort()
+        if self.transport is not None:
+            self.connection_lost(None)
+        raise asyncio.CancelledError
 
     async def smtp_DATA(self, arg: str | None) -> None:
         assert self.envelope is not None and self.session is not None
@@ -254,15 +314,17 @@ class _SinkConnection(SMTP):
     def _end(self) -> NoReturn:
         """Close now and end this connection's task as a hang-up would: nothing already
         buffered is read after."""
-        assert self.transport is not None
-        self.transport.close()
+        self.close()
         raise asyncio.CancelledError
 
     async def push(self, status: AnyStr) -> None:
-        await super().push(status)
         # One reply per connection per turn of the event loop, and no more than the shared
-        # reply rate: a flood of commands gets a bounded share of the loop, not all of it.
+        # reply rate: a flood of commands gets a bounded share of the loop, not all of it. The
+        # wait comes before the reply, so that nothing is read between a reply and what follows
+        # it: after STARTTLS's 220 the client's handshake must reach the TLS layer, not the
+        # plaintext buffer.
         await asyncio.sleep(self._guard.reply_delay())
+        await super().push(status)
 
 
 class _Gate(asyncio.Protocol):
@@ -302,7 +364,10 @@ class CanarySink:
         limits: SinkLimits | None = None,
         on_delivery: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: the context STARTTLS uses; by default one with a throwaway self-signed
+        certificate for `hostname`."""
         if not domain.strip("."):
             raise ValueError("the sink needs a test domain")
         self._handler = _CanaryHandler(
@@ -313,6 +378,7 @@ class CanarySink:
         )
         # Never None: aiosmtpd would ask socket.getfqdn(), a DNS lookup.
         self._hostname = hostname or domain
+        self._tls = tls or sink_tls_context(hostname=self._hostname)
         self._limits = limits or SinkLimits()
         self._clock = clock
         self._on_delivery = on_delivery
@@ -381,7 +447,7 @@ class CanarySink:
             return
         if admission.evicted is not None:
             self.evicted += 1
-            _hang_up(admission.evicted, TOO_MANY_CONNECTIONS)
+            connections.live[admission.evicted].hang_up(TOO_MANY_CONNECTIONS)
         connection = _SinkConnection(
             self._handler,
             source=source,
@@ -390,6 +456,7 @@ class CanarySink:
             connections=connections,
             hostname=self._hostname,
             ident=IDENT,
+            tls_context=self._tls,
             loop=loop,
         )
         transport.set_protocol(connection)

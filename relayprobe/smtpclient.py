@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -29,6 +31,30 @@ class ReplyTimeout(TimeoutError):
 
 class BadReply(ValueError):
     """A reply too long to keep, or not SMTP at all."""
+
+
+class TlsFailed(ConnectionError):
+    """The TLS handshake after STARTTLS failed or timed out; the session is unusable."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSession:
+    """What STARTTLS negotiated, as the TLS library reports it (not yet sanitised)."""
+
+    version: str
+    cipher: str
+    certificate: bytes | None
+    """The server's certificate, DER; never verified (opportunistic TLS, RFC 7435)."""
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # A sending MTA's TLS: encrypt, verify nothing, and offer only TLS 1.2 and 1.3.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +177,45 @@ class SMTPSession:
             raise _translate(exc) from exc
         _cancel_not_swallowed()
         return _reply(response)
+
+    async def start_tls(self) -> tuple[Reply, TlsSession | None]:
+        """Send STARTTLS; after a 220, negotiate TLS, bounded by the reply timeout.
+
+        Returns the reply and what was negotiated, or the reply and None when the server
+        refused. Raises TlsFailed when the handshake fails (the server sent no TLS, or garbage),
+        and the exceptions of `command`.
+        """
+        protocol = self._smtp.protocol
+        if protocol is None:
+            raise ServerDisconnected("not connected")
+        try:
+            response = await protocol.start_tls(_tls_context(), timeout=self._reply_timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.message == _TOO_LONG:
+                self.close()
+                raise _translate(exc) from exc
+            _cancel_not_swallowed()
+            return _reply(aiosmtplib.SMTPResponse(exc.code, exc.message)), None
+        except aiosmtplib.SMTPTimeoutError as exc:
+            self.close()
+            raise TlsFailed("TLS handshake timed out") from exc
+        except aiosmtplib.SMTPException as exc:
+            self.close()
+            raise _translate(exc) from exc
+        except (ssl.SSLError, OSError) as exc:
+            self.close()
+            raise TlsFailed(f"TLS handshake failed: {exc.__class__.__name__}") from exc
+        _cancel_not_swallowed()
+        tls = protocol.transport.get_extra_info("ssl_object") if protocol.transport else None
+        if not isinstance(tls, ssl.SSLObject):
+            self.close()
+            raise TlsFailed("TLS handshake failed: no TLS session")
+        cipher = tls.cipher()
+        return _reply(response), TlsSession(
+            version=tls.version() or "TLS",
+            cipher=cipher[0] if cipher else "unknown",
+            certificate=tls.getpeercert(binary_form=True),
+        )
 
     def send_quit_and_close(self) -> None:
         """Say QUIT without waiting for the answer, then close: for a test that was cancelled."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,6 +123,20 @@ def in_plain_words(
             "not an open relay to these probes"
         )
     return "Note: every relay attempt was refused: not an open relay to these probes"
+
+
+# TLS as a word of its own: not part of a host name such as tls-gw.example.net.
+_TLS_WORD = re.compile(rb"(?<![\w.-])(?:STARTTLS|TLS)(?![\w.-])", re.IGNORECASE)
+# Addresses echoed in a refusal are the probe's own and may say anything.
+_ECHOED_ADDRESS = re.compile(rb"<[^<>]*>")
+
+
+def asks_for_tls(code: int, text: bytes) -> bool:
+    """Whether a refusal says the server wants STARTTLS first: 530 (RFC 3207), or a 4xx/5xx
+    that names TLS outside the addresses it echoes (`454 4.7.0 TLS required`)."""
+    if code == 530:
+        return True
+    return code >= 400 and _TLS_WORD.search(_ECHOED_ADDRESS.sub(b"", text)) is not None
 
 
 def classify(code: int) -> Outcome:

@@ -21,13 +21,11 @@ def skip_or_fail(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def postfix_instances() -> Iterator[None]:
-    """The closed (127.0.0.2) and open (127.0.0.3) Postfix instances, stopped afterwards."""
+    """The Postfix instances of tests/infra/postfix.sh (postfix.HOSTS), stopped afterwards."""
     reason = postfix.postfix_available()
     if reason is not None:
         skip_or_fail(reason)
-    already_running = all(
-        postfix.answers(host) for host in (postfix.CLOSED_HOST, postfix.OPEN_HOST)
-    )
+    already_running = postfix.all_answer()
     postfix.ensure_started()
     yield
     if not already_running:

@@ -592,3 +592,25 @@ def test_a_nul_in_the_state_dir_is_refused(tmp_path: Path) -> None:
     config = write(tmp_path, 'state_dir = "/var/lib/relay\\u0000probe"\n')
     with pytest.raises(ConfigError, match="state_dir: a path cannot hold a NUL"):
         load_settings({"config": config}, environ={})
+
+
+@pytest.mark.usefixtures("clean_environment")
+def test_cli_check_config_reads_the_sink_certificate_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert, key = tmp_path / "sink.crt", tmp_path / "sink.key"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    argv = ["serve", "--check-config", "--sink-tls-cert", str(cert), "--sink-tls-key", str(key)]
+    assert run_cli(argv, capsys) == (
+        2,
+        [
+            f"relayprobe serve: canary sink: {cert} and {key}: expected a PEM certificate chain "
+            "and its PEM private key"
+        ],
+    )
+    missing = tmp_path / "missing.crt"
+    assert run_cli([*argv[:3], str(missing), *argv[4:]], capsys) == (
+        2,
+        [f"relayprobe serve: canary sink: cannot read {missing}: No such file or directory"],
+    )

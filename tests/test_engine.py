@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from relayprobe import engine
+from relayprobe import conversation
 from relayprobe.engine import RelayTestOptions, run_relay_test
 from relayprobe.events import Event, Outcome, Received, Summary
 from relayprobe.fakemx import (
@@ -20,6 +20,7 @@ from relayprobe.fakemx import (
     relays_nothing,
 )
 from relayprobe.render import Transcript
+from relayprobe.sinktls import sink_tls_context
 
 from .conftest import StartServer
 
@@ -324,8 +325,9 @@ async def test_reply_text_shown_per_test_is_bounded(start_server: StartServer) -
     run = await run_test(await start_server(FloodsEveryReply()))
     shown = sum(len(event.line) for event in run.events if isinstance(event, Received))
     # The budget, the one reply that crosses it, then a short first line per reply.
-    crossing = engine.MAX_REPLY_LINES * 1100
-    assert shown < engine.MAX_REPLY_CHARS + crossing + 100 * (engine.CUT_REPLY_CHARS + 40)
+    crossing = conversation.MAX_REPLY_LINES * 1100
+    cut_lines = 100 * (conversation.CUT_REPLY_CHARS + 40)
+    assert shown < conversation.MAX_REPLY_CHARS + crossing + cut_lines
     assert ":Over 64 KiB of replies shown: from here on only the first line of each" in (
         run.transcript
     )
@@ -466,3 +468,133 @@ async def test_cancel_arriving_with_a_reply_still_stops_the_test(
     assert after[-1] == b"QUIT"
     assert len(after) <= 2
     assert not any(command.startswith(b"MAIL") for command in after)
+
+
+# STARTTLS
+
+TLS = sink_tls_context(hostname="mx.tls.test")
+REQUIRED = "Note: the probes ran over TLS (the server requires STARTTLS): TLS 1.3, "
+
+
+def tls_lines(run: Run) -> list[str]:
+    return [line for line in run.transcript if line.startswith(":TLS ")]
+
+
+async def test_server_that_requires_tls_is_tested_over_tls(start_server: StartServer) -> None:
+    server = FakeMailServer(relay=relays_nothing, tls=TLS, require_tls=True)
+    run = await run_test(await start_server(server))
+    start = run.transcript.index(">>> STARTTLS")
+    assert run.transcript[start - 2 : start + 4] == [
+        ">>> MAIL FROM:<spamtest@mx.fake.test>",
+        "<<< 530 5.7.0 Must issue a STARTTLS command first",
+        ">>> STARTTLS",
+        "<<< 220 2.0.0 Ready to start TLS",
+        run.transcript[start + 2],
+        ">>> EHLO relayprobe.invalid",
+    ]
+    assert re.fullmatch(
+        r":TLS 1\.3, TLS_\w+, certificate CN=mx\.tls\.test, self-signed, expires \d{4}-\d\d-\d\d",
+        run.transcript[start + 2],
+    )
+    assert run.summary.verdict == "rejected"
+    assert all(probe.tls and probe.outcome is Outcome.REJECTED for probe in run.summary.probes)
+    assert run.summary.tls.required and run.summary.tls.offered
+    assert run.summary.tls.used is not None
+    assert run.summary.tls.used.certificate is not None
+    assert run.summary.tls.used.certificate.self_signed
+    assert any(line.startswith(REQUIRED) for line in run.summary.lines)
+    # Reconnects before the error limit say STARTTLS again.
+    assert server.commands.count(b"STARTTLS") == server.sessions
+
+
+async def test_tls_required_and_off_is_incomplete_not_rejected(start_server: StartServer) -> None:
+    server = FakeMailServer(relay=relays_nothing, tls=TLS, require_tls=True)
+    run = await run_test(await start_server(server), starttls="never")
+    assert run.summary.verdict == "incomplete"
+    assert (
+        "Test incomplete: the server requires STARTTLS (530) and TLS is off (--starttls never)"
+        in run.transcript
+    )
+    assert "System appeared to reject relay attempts" not in run.transcript
+    assert Outcome.REJECTED not in set(run.outcomes().values())
+    assert b"STARTTLS" not in server.commands
+
+
+async def test_tls_offered_but_not_required_stays_in_plaintext(start_server: StartServer) -> None:
+    server = FakeMailServer(relay=relays_nothing, tls=TLS)
+    run = await run_test(await start_server(server))
+    assert b"STARTTLS" not in server.commands
+    assert not any(probe.tls for probe in run.summary.probes)
+    assert (
+        "Note: the server offers STARTTLS; the probes ran in plaintext, as a spammer's would"
+        in run.summary.lines
+    )
+
+
+async def test_always_says_starttls_whenever_offered(start_server: StartServer) -> None:
+    server = FakeMailServer(relay=relays_everything, tls=TLS)
+    run = await run_test(await start_server(server), starttls="always")
+    assert run.transcript[2:4] == [">>> EHLO relayprobe.invalid", "<<< 250-mx.fake.test"]
+    assert ">>> STARTTLS" in run.transcript[4:8]
+    assert all(probe.tls for probe in run.summary.probes)
+    assert run.summary.verdict == "accepted"
+    assert any(
+        line.startswith("Note: the probes ran over TLS (--starttls always): TLS 1.3, ")
+        for line in run.summary.lines
+    )
+
+
+class GarbageAfterStarttls(FakeMailServer):
+    """Offers STARTTLS and says 220 to it, then sends plain text where TLS should start."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.garbage_sent = 0
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        if line.startswith(b"EHLO"):
+            return b"250-mx.fake.test\r\n250 STARTTLS"
+        if line == b"STARTTLS":
+            return b"220 2.0.0 Ready to start TLS"
+        return super().reply(line, session)
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        await super()._send(writer, reply)
+        if reply.startswith(b"220 2.0.0 Ready"):
+            await asyncio.sleep(0.05)  # after the client's ClientHello
+            writer.write(b"this is not TLS at all, sorry\r\n" * 20)
+            self.garbage_sent += 1
+
+
+async def test_tls_required_but_handshake_fails_is_incomplete(start_server: StartServer) -> None:
+    server = GarbageAfterStarttls(require_tls=True)
+    run = await run_test(await start_server(server))
+    assert server.garbage_sent == 1
+    assert run.summary.verdict == "incomplete"
+    incomplete = [line for line in run.transcript if line.startswith("Test incomplete: ")]
+    assert incomplete == [
+        "Test incomplete: the server requires STARTTLS (530), but TLS handshake failed: SSLError"
+    ]
+
+
+async def test_always_goes_on_in_plaintext_when_the_handshake_fails(
+    start_server: StartServer,
+) -> None:
+    server = GarbageAfterStarttls(relay=relays_nothing)
+    run = await run_test(await start_server(server), starttls="always")
+    assert server.garbage_sent == 1
+    assert ":TLS handshake failed: SSLError; reconnecting to go on in plaintext" in run.transcript
+    assert run.summary.verdict == "rejected"
+    assert len(run.summary.probes) == 20
+    assert "Note: the probes ran in plaintext: TLS handshake failed: SSLError" in run.summary.lines
+
+
+async def test_530_without_starttls_offered_is_incomplete(start_server: StartServer) -> None:
+    server = FakeMailServer(require_tls=True)
+    run = await run_test(await start_server(server))
+    assert b"STARTTLS" in server.commands
+    assert run.summary.verdict == "incomplete"
+    assert (
+        "Test incomplete: the server requires STARTTLS (530), but STARTTLS refused: "
+        "502 5.5.1 Command not implemented"
+    ) in run.transcript

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import sys
 import time
@@ -27,6 +26,7 @@ from relayprobe.fakemx import FakeMailServer
 from relayprobe.metrics import REFUSAL_REASONS, VERDICTS
 from relayprobe.server import StartupError
 from relayprobe.store import DATABASE_NAME, HistoryStore
+from tests.infra.command import Completed, environment, relayprobe
 from tests.infra.haproxy import free_port
 
 VERDICT_LINE = "System appeared to reject relay attempts"
@@ -310,39 +310,6 @@ async def test_metrics_over_http_count_tests_probes_refusals_and_sessions(
 
 
 # History
-
-
-@dataclass(frozen=True, slots=True)
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def environment() -> dict[str, str]:
-    """This process's environment without RELAYPROBE_* settings that would change the command."""
-    return {name: value for name, value in os.environ.items() if not name.startswith("RELAYPROBE_")}
-
-
-async def relayprobe(*args: str) -> Completed:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relayprobe",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=environment(),
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return Completed(process.returncode, stdout.decode(), stderr.decode())
 
 
 def listed_targets(listing: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import shutil
 import time
 
@@ -167,3 +168,68 @@ async def test_real_telnet_client_sees_the_live_transcript(source: str, verdict_
     assert f"Connecting to {source} ..." in lines
     assert sum(line.startswith(":Relay test: #") for line in lines) == 20
     assert any(line.startswith(verdict_line) for line in lines), lines[-8:]
+
+
+# STARTTLS against Postfix that requires it (127.0.0.4) and one that only offers it (127.0.0.5)
+
+
+async def test_tls_requiring_postfix_is_tested_and_confirmed_over_tls() -> None:
+    marker = postfix.log_marker()
+    settings = dataclasses.replace(SETTINGS, confirm=True, sink_listen=SINK, confirm_wait=20.0)
+    transcript, _, _ = await relay_test(postfix.TLS_OPEN_HOST, settings)
+    summary = transcript.summary
+    assert summary is not None
+    assert summary.verdict == "relayed"
+    start = transcript.lines.index(">>> STARTTLS")
+    assert transcript.lines[start - 1] == "<<< 530 5.7.0 Must issue a STARTTLS command first"
+    assert transcript.lines[start + 1].startswith("<<< 220 2.0.0 Ready to start TLS")
+    assert re.fullmatch(
+        r":TLS 1\.[23], \S+, certificate CN=tls-open\.relayprobe\.test, self-signed, "
+        r"expires \d{4}-\d\d-\d\d",
+        transcript.lines[start + 2],
+    )
+    assert transcript.lines[start + 3] == ">>> EHLO relayprobe.invalid"
+    assert all(probe.tls for probe in summary.probes)
+    assert summary.tls.required and summary.tls.used is not None
+    assert any(line.startswith("Relay confirmed: ") for line in transcript.lines)
+    assert "System appeared to reject relay attempts" not in transcript.lines
+    assert postfix.error_limit_hits(marker)["tls-open"] == postfix.NO_HITS
+
+
+async def test_tls_requiring_postfix_with_tls_off_is_incomplete_not_rejected() -> None:
+    settings = dataclasses.replace(SETTINGS, starttls="never")
+    transcript, _, _ = await relay_test(postfix.TLS_OPEN_HOST, settings)
+    summary = transcript.summary
+    assert summary is not None
+    assert summary.verdict == "incomplete"
+    assert (
+        "Test incomplete: the server requires STARTTLS (530) and TLS is off (--starttls never)"
+        in transcript.lines
+    )
+    assert ">>> STARTTLS" not in transcript.lines
+
+
+@pytest.mark.parametrize("starttls", ["auto", "always"])
+async def test_postfix_offering_tls_is_closed_either_way(starttls: str) -> None:
+    settings = dataclasses.replace(SETTINGS, starttls=starttls)
+    transcript, _, _ = await relay_test(postfix.TLS_CLOSED_HOST, settings)
+    summary = transcript.summary
+    assert summary is not None
+    assert summary.verdict == "rejected"
+    assert "System appeared to reject relay attempts" in transcript.lines
+    assert summary.tls.offered and not summary.tls.required
+    over_tls = starttls == "always"
+    assert (">>> STARTTLS" in transcript.lines) is over_tls
+    assert all(probe.tls is over_tls for probe in summary.probes)
+
+
+async def test_check_json_reports_the_tls_used() -> None:
+    status, lines = await check(
+        25, "--test-domain", postfix.TEST_DOMAIN, "--json", target=postfix.TLS_OPEN_HOST
+    )
+    assert status == 4  # accepted over TLS; without the sink, not proven
+    tls = json.loads("\n".join(lines))["tls"]
+    assert (tls["offered"], tls["required"], tls["used"]) == (True, True, True)
+    assert tls["version"] in ("TLS 1.2", "TLS 1.3")
+    assert tls["certificate"]["subject"] == f"CN={postfix.TLS_OPEN_HOSTNAME}"
+    assert tls["certificate"]["self_signed"] is True

@@ -134,6 +134,7 @@ def test_json_result_has_the_spec_keys_and_counts() -> None:
             "outcome": "rejected",
             "reply": "554 5.7.1 Relay access denied",
             "form": "quoted local part",
+            "tls": False,
         },
         {
             "name": "Test 8",
@@ -142,6 +143,7 @@ def test_json_result_has_the_spec_keys_and_counts() -> None:
             "outcome": "accepted",
             "reply": "250 2.1.5 Ok",
             "form": "%-hack",
+            "tls": False,
         },
     ]
     assert [p["outcome"] for p in result["probes"]] == [

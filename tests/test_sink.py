@@ -1,17 +1,28 @@
 import asyncio
 import contextlib
+import datetime
 import logging
 import smtplib
+import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from benchmarks import sink_flood
 from relayprobe.canary import CanaryRegistry, InMemoryRegistry
 from relayprobe.sink import MAX_RECIPIENTS, CanarySink
 from relayprobe.sinklimits import SinkLimits
+from relayprobe.sinktls import sink_tls_context
+
+from .infra.command import relayprobe
+from .infra.haproxy import free_port
 
 DOMAIN = "relaytest.example"
 TOKEN = "k3x7q2ab7z"
@@ -64,6 +75,24 @@ class Client:
                 if line[3:4] != b"-":
                     return int(line[:3])
 
+    async def ehlo(self) -> list[bytes]:
+        """The keywords of the EHLO reply, after the greeting line."""
+        self.writer.write(b"EHLO client.test\r\n")
+        keywords = []
+        async with asyncio.timeout(WAIT):
+            while (line := await self.reader.readline())[3:4] == b"-":
+                keywords.append(line[4:].strip())
+        assert line[:3] == b"250", line
+        return [*keywords[1:], line[4:].strip()]
+
+    async def starttls(self) -> ssl.SSLObject:
+        """STARTTLS as a sending MTA does it: no verification (RFC 7435)."""
+        assert await self.command("STARTTLS") == 220
+        async with asyncio.timeout(WAIT):
+            await self.writer.start_tls(unverified_context())
+        tls: ssl.SSLObject = self.writer.get_extra_info("ssl_object")
+        return tls
+
     async def command(self, line: str) -> int:
         self.writer.write(line.encode() + b"\r\n")
         return await self.reply()
@@ -91,6 +120,20 @@ class Client:
         # A reset by the sink is already known; closing after it is no error.
         with contextlib.suppress(ConnectionResetError):
             await self.writer.wait_closed()
+
+
+def unverified_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def wait_for_no_connections(sink: CanarySink, *, within: float) -> None:
+    """Return once the sink holds no connection; fail after `within` seconds."""
+    async with asyncio.timeout(within):
+        while sink.connections:
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -672,3 +715,289 @@ async def test_a_bad_rcpt_flood_leaves_the_event_loop_responsive() -> None:
     # The bucket's burst is one second's worth, and the flooders' last replies may land late.
     assert answered <= SinkLimits().replies_per_second * (seconds + 2)
     assert report.failed_deliveries == 0 and report.deliveries_s
+
+
+# --- STARTTLS -------------------------------------------------------------------------------------
+
+
+def peer_certificate(tls: ssl.SSLObject) -> x509.Certificate:
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def common_name(name: x509.Name) -> str:
+    [attribute] = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attribute.value)
+
+
+async def test_plaintext_delivery_works_with_starttls_offered(start_sink: StartSink) -> None:
+    """Most relays deliver in plaintext: STARTTLS is offered, never required."""
+    registry = InMemoryRegistry()
+    registry.register(TOKEN, ttl=60)
+    sink, port = await start_sink(registry=registry)
+    client, _ = await Client.connect(port)
+    assert b"STARTTLS" in await client.ehlo()
+    assert await client.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert sink.deliveries == 1
+    assert not registry.is_pending(TOKEN)
+    await client.close()
+
+
+async def test_a_relay_delivers_over_starttls_to_the_throwaway_certificate(
+    start_sink: StartSink,
+) -> None:
+    registry = InMemoryRegistry()
+    registry.register(TOKEN, ttl=60)
+    sink, port = await start_sink(registry=registry)
+    client, _ = await Client.connect(port)
+    assert b"STARTTLS" in await client.ehlo()
+    tls = await client.starttls()
+    assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+    # RFC 3207: a new EHLO, which offers neither STARTTLS again nor AUTH (the sink has no
+    # accounts).
+    keywords = await client.ehlo()
+    assert not any(keyword.startswith((b"STARTTLS", b"AUTH")) for keyword in keywords)
+    assert await client.command("STARTTLS") == 503
+    assert await client.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert sink.deliveries == 1
+    assert not registry.is_pending(TOKEN)
+    assert await client.command("QUIT") == 221
+    await client.close()
+    await wait_for_no_connections(sink, within=WAIT)
+
+    certificate = peer_certificate(tls)
+    assert common_name(certificate.subject) == "sink.test"
+    assert certificate.issuer == certificate.subject
+    certificate.verify_directly_issued_by(certificate)
+    alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert alternative.value.get_values_for_type(x509.DNSName) == ["sink.test"]
+    key = certificate.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    now = datetime.datetime.now(datetime.UTC)
+    assert certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc
+    validity = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+    assert validity == datetime.timedelta(days=365)
+
+
+async def test_smtplib_delivers_over_starttls(start_sink: StartSink) -> None:
+    registry = InMemoryRegistry()
+    registry.register(TOKEN, ttl=60)
+    sink, port = await start_sink(registry=registry)
+
+    def deliver() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="relay.test", timeout=WAIT) as smtp:
+            smtp.starttls(context=unverified_context())
+            return smtp.sendmail(
+                "spamtest@mail.example.com", [address(TOKEN)], proof_message(registry, TOKEN)
+            )
+
+    assert await asyncio.to_thread(deliver) == {}
+    assert sink.deliveries == 1
+
+
+def operator_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """An operator's certificate and key (RSA, unlike the throwaway's EC), as PEM files."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_the_operators_certificate_is_offered(start_sink: StartSink, tmp_path: Path) -> None:
+    cert_file, key_file = operator_certificate(tmp_path, "mx.operator.test")
+    tls = sink_tls_context(hostname="sink.test", cert_file=str(cert_file), key_file=str(key_file))
+    registry = InMemoryRegistry()
+    registry.register(TOKEN, ttl=60)
+    sink, port = await start_sink(registry=registry, tls=tls)
+    client, _ = await Client.connect(port)
+    await client.ehlo()
+    certificate = peer_certificate(await client.starttls())
+    assert common_name(certificate.subject) == "mx.operator.test"
+    assert isinstance(certificate.public_key(), rsa.RSAPublicKey)
+    assert await client.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert sink.deliveries == 1
+    await client.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+async def test_tls_below_1_2_is_refused(start_sink: StartSink) -> None:
+    sink, port = await start_sink()
+    client, _ = await Client.connect(port)
+    await client.ehlo()
+    assert await client.command("STARTTLS") == 220
+    old = unverified_context()
+    old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    # OpenSSL's default security level would not even let the client offer TLS 1.1.
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        async with asyncio.timeout(WAIT):
+            await client.writer.start_tls(old)
+    await wait_for_no_connections(sink, within=WAIT)
+    await client.close()
+
+
+# Never bound: the certificate is checked first.
+SINK_LISTEN = f"127.0.0.1:{free_port('127.0.0.1')}"
+
+
+@pytest.mark.parametrize("problem", ["missing", "mismatched", "a directory", "only one"])
+async def test_a_bad_certificate_fails_the_start_in_one_line(tmp_path: Path, problem: str) -> None:
+    cert_file, key_file = operator_certificate(tmp_path, "mx.operator.test")
+    _, other_key = operator_certificate(tmp_path, "other.operator.test")
+    files = {
+        "missing": ["--sink-tls-cert", tmp_path / "none.crt", "--sink-tls-key", key_file],
+        "mismatched": ["--sink-tls-cert", str(cert_file), "--sink-tls-key", str(other_key)],
+        "a directory": ["--sink-tls-cert", str(tmp_path), "--sink-tls-key", str(key_file)],
+        "only one": ["--sink-tls-cert", str(cert_file)],
+    }[problem]
+    done = await relayprobe("check", "127.0.0.1", "--sink-listen", SINK_LISTEN, *map(str, files))
+    expected = {
+        "missing": f"canary sink: cannot read {tmp_path / 'none.crt'}: No such file or directory",
+        "mismatched": (
+            f"canary sink: {cert_file} and {other_key}: the key does not belong to the certificate"
+        ),
+        "a directory": f"canary sink: cannot read {tmp_path}: Is a directory",
+        "only one": (
+            "sink_tls_cert and sink_tls_key: give both, or neither for a throwaway certificate"
+        ),
+    }[problem]
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"relayprobe check: {expected}\n")
+
+
+async def test_a_key_that_is_not_pem_fails_the_start_in_one_line(tmp_path: Path) -> None:
+    cert_file, _ = operator_certificate(tmp_path, "mx.operator.test")
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a key\n")
+    done = await relayprobe(
+        *("check", "127.0.0.1", "--sink-listen", SINK_LISTEN),
+        *("--sink-tls-cert", str(cert_file), "--sink-tls-key", str(garbage)),
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2,
+        "",
+        f"relayprobe check: canary sink: {cert_file} and {garbage}: expected a PEM certificate "
+        "chain and its PEM private key\n",
+    )
+
+
+async def test_a_client_that_stalls_after_starttls_is_dropped_in_time() -> None:
+    tasks_before = asyncio.all_tasks()
+    limits = SinkLimits(idle_timeout=0.3)
+    sink = CanarySink(
+        registry=InMemoryRegistry(), domain=DOMAIN, hostname="sink.test", limits=limits
+    )
+    _, port = await sink.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+
+    stalled, _ = await Client.connect(port)
+    await stalled.ehlo()
+    assert await stalled.command("STARTTLS") == 220
+    started = loop.time()
+    assert await stalled.closed_by_sink()
+    await wait_for_no_connections(sink, within=WAIT)
+    assert 0.2 < loop.time() - started < 2
+
+    # Not TLS after the 220.
+    garbage, _ = await Client.connect(port)
+    assert await garbage.command("STARTTLS") == 220
+    garbage.writer.write(b"MAIL FROM:<a@b.example>\r\n" * 10)
+    assert await garbage.closed_by_sink()
+    await wait_for_no_connections(sink, within=WAIT)
+
+    # Hanging up in the middle of the handshake.
+    hung_up, _ = await Client.connect(port)
+    assert await hung_up.command("STARTTLS") == 220
+    await hung_up.close()
+    await wait_for_no_connections(sink, within=WAIT)
+
+    await sink.stop()
+    for client in (stalled, garbage):
+        await client.close()
+    assert asyncio.all_tasks() == tasks_before
+
+
+async def test_the_limits_hold_over_tls(start_sink: StartSink) -> None:
+    """Deadlines and hang-ups speak TLS once it is on, and free the slot at once."""
+    registry = InMemoryRegistry()
+    registry.register(TOKEN, ttl=60)
+    limits = SinkLimits(recipient_timeout=0.3, idle_timeout=0.5)
+    sink, port = await start_sink(registry=registry, limits=limits)
+    idle, _ = await Client.connect(port)
+    await idle.ehlo()
+    await idle.starttls()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while (code := await idle.command("NOOP")) == 250 and loop.time() - started < WAIT:
+        await asyncio.sleep(0.05)
+    assert code == 421
+    await wait_for_no_connections(sink, within=1)
+
+    # A relay that named a test's recipient and then went quiet: the idle timeout.
+    quiet, _ = await Client.connect(port)
+    await quiet.ehlo()
+    await quiet.starttls()
+    await quiet.ehlo()
+    assert await quiet.command("MAIL FROM:<spamtest@mail.example.com>") == 250
+    assert await quiet.command(f"RCPT TO:<{address(TOKEN)}>") == 250
+    started = loop.time()
+    await wait_for_no_connections(sink, within=2)
+    assert loop.time() - started > 0.3
+    for client in (idle, quiet):
+        await client.close()
+
+
+async def test_a_paced_reply_to_starttls_does_not_lose_the_handshake(
+    start_sink: StartSink,
+) -> None:
+    """Replies beyond the reply rate wait; the wait must come before the 220, or the client's
+    handshake, sent on the 220, would be read as plaintext and lost."""
+    # Two replies at once, then two a second: the greeting and the NOOP take the burst.
+    _, port = await start_sink(limits=SinkLimits(replies_per_second=2))
+    client, _ = await Client.connect(port)
+    assert await client.command("NOOP") == 250
+    tls = await client.starttls()
+    assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+    await client.close()
+
+
+async def test_a_tls_client_that_ignores_the_close_is_not_waited_for(
+    start_sink: StartSink,
+) -> None:
+    """asyncio's TLS layer waits up to 30 s for the peer's close_notify; the sink does not."""
+    sink, port = await start_sink(limits=SinkLimits(idle_timeout=0.3))
+    client, _ = await Client.connect(port)
+    assert await client.command("STARTTLS") == 220
+    # A handshake by hand, after which the client reads nothing, so answers no close_notify.
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = unverified_context().wrap_bio(incoming, outgoing)
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                client.writer.write(outgoing.read())
+                incoming.write(await client.reader.read(65536))
+    client.writer.write(outgoing.read())
+    await wait_for_no_connections(sink, within=2)
+    await client.close()

@@ -1,9 +1,11 @@
 """The real Postfix instances of tests/infra/postfix.sh, for pytest.
 
-Two instances on loopback aliases: a closed one (Debian's stock relay restrictions, relaying
-deferred with 454) and an open relay that hands mail for TEST_DOMAIN to relayprobe's canary
-sink. Both keep Postfix's stock error limits; `error_limit_hits` reads their logs so tests can
-prove a client stayed under them.
+Four instances on loopback aliases: a closed one (Debian's stock relay restrictions, relaying
+deferred with 454), an open relay that hands mail for TEST_DOMAIN to relayprobe's canary sink,
+and a TLS pair: tls-open requires STARTTLS before MAIL (530 until then) and then relays like the
+open one; tls-closed offers STARTTLS and is closed. Each TLS instance presents a self-signed
+certificate whose CN is its hostname. All keep Postfix's stock error limits; `error_limit_hits`
+reads their logs so tests can prove a client stayed under them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,18 @@ from pathlib import Path
 
 CLOSED_HOST = "127.0.0.2"
 OPEN_HOST = "127.0.0.3"
+TLS_OPEN_HOST = "127.0.0.4"
+TLS_CLOSED_HOST = "127.0.0.5"
 SMTP_PORT = 25
 CLOSED_HOSTNAME = "closed.relayprobe.test"
 OPEN_HOSTNAME = "open.relayprobe.test"
+# Also the CN (and the only DNS name) of the instance's self-signed certificate.
+TLS_OPEN_HOSTNAME = "tls-open.relayprobe.test"
+TLS_CLOSED_HOSTNAME = "tls-closed.relayprobe.test"
+# Self-signed certificates (PEM) that postfix.sh generates; valid CERT_DAYS days from creation.
+TLS_OPEN_CERT = Path("/etc/postfix-tls-open/tls-cert.pem")
+TLS_CLOSED_CERT = Path("/etc/postfix-tls-closed/tls-cert.pem")
+CERT_DAYS = 365
 SINK_HOST = "127.0.0.1"
 SINK_PORT = 2525
 TEST_DOMAIN = "relaytest.invalid"
@@ -33,10 +44,14 @@ TEST_DOMAIN = "relaytest.invalid"
 SOFT_ERROR_LIMIT = 10
 
 POSTFIX_SH = Path(__file__).with_name("postfix.sh")
-LOGS = {
-    "closed": Path("/var/log/postfix-closed.log"),
-    "open": Path("/var/log/postfix-open.log"),
+# Instance name -> the address its smtpd listens on (port SMTP_PORT).
+HOSTS = {
+    "closed": CLOSED_HOST,
+    "open": OPEN_HOST,
+    "tls-open": TLS_OPEN_HOST,
+    "tls-closed": TLS_CLOSED_HOST,
 }
+LOGS = {name: Path(f"/var/log/postfix-{name}.log") for name in HOSTS}
 
 _START_TIMEOUT_S = 120.0
 _BANNER_TIMEOUT_S = 2.0
@@ -86,7 +101,7 @@ def postfix_available() -> str | None:
     search_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     if shutil.which("postfix", path=search_path) is None:
         return "Postfix is not installed (run .ci/system-packages as root)"
-    if all(answers(host) for host in (CLOSED_HOST, OPEN_HOST)):
+    if all_answer():
         return None
     if os.geteuid() != 0:
         return f"the Postfix test instances are not running; as root run: {POSTFIX_SH} start"
@@ -95,7 +110,7 @@ def postfix_available() -> str | None:
 
 @functools.cache
 def ensure_started() -> None:
-    """Run `postfix.sh start` once per test run; it returns when both instances answer."""
+    """Run `postfix.sh start` once per test run; it returns when all instances answer."""
     try:
         completed = subprocess.run(
             ["bash", str(POSTFIX_SH), "start"],
@@ -121,13 +136,18 @@ def answers(host: str, port: int = SMTP_PORT) -> bool:
         return False
 
 
+def all_answer() -> bool:
+    """Whether every instance greets with a 220."""
+    return all(answers(host) for host in HOSTS.values())
+
+
 def log_marker() -> LogMarker:
     """The current end of each instance's log, to count what happens after it."""
     return LogMarker(offsets=tuple((name, _size(path)) for name, path in LOGS.items()))
 
 
 def error_limit_hits(since: LogMarker, *, timeout: float = 5.0) -> dict[str, ErrorLimitHits]:
-    """Sessions per instance ("closed", "open") that hit an error limit after `since`.
+    """Sessions per instance (the keys of HOSTS) that hit an error limit after `since`.
 
     Postfix logs a session's statistics when it ends, a moment after the client hangs up,
     so this waits (up to `timeout` seconds) until every session begun since the marker
@@ -200,7 +220,7 @@ def _lines_after(path: Path, offset: int) -> list[str]:
 
 
 def stop() -> None:
-    """Stop both instances (`postfix.sh stop`)."""
+    """Stop all instances (`postfix.sh stop`)."""
     subprocess.run(
         ["bash", str(POSTFIX_SH), "stop"],
         capture_output=True,

@@ -1,27 +1,35 @@
 #!/usr/bin/env bash
-# Runs two real Postfix instances on loopback aliases for relayprobe's tests:
-#   closed  127.0.0.2:25  Debian's stock relay restrictions; relaying is deferred (454)
-#   open    127.0.0.3:25  mynetworks = 0.0.0.0/0, an open relay; relaytest.invalid goes to
-#                         relayprobe's canary sink on 127.0.0.1:2525
-# Neither instance ever reaches the network: every non-test destination goes to the error
+# Runs four real Postfix instances on loopback aliases for relayprobe's tests:
+#   closed      127.0.0.2:25  Debian's stock relay restrictions; relaying is deferred (454)
+#   open        127.0.0.3:25  mynetworks = 0.0.0.0/0, an open relay; relaytest.invalid goes to
+#                             relayprobe's canary sink on 127.0.0.1:2525 (plaintext)
+#   tls-open    127.0.0.4:25  requires STARTTLS before MAIL (530 until then), then relays
+#                             like open
+#   tls-closed  127.0.0.5:25  offers STARTTLS, closed like closed
+# Each TLS instance presents a self-signed certificate for <name>.relayprobe.test that this
+# script generates into its config directory (tls-cert.pem, tls-key.pem).
+# No instance ever reaches the network: every non-test destination goes to the error
 # transport and nothing does DNS. Stock error limits are kept on purpose (soft 10, hard 20,
 # 1 s sleep): the tests prove relayprobe stays under them.
 #
 # Usage (as root): tests/infra/postfix.sh start|stop|status
-# Idempotent; works on a Postfix installed with "No configuration" (no main.cf yet).
+# Idempotent; works on a Postfix installed with "No configuration" (no main.cf yet) and on
+# one where an earlier version of this script set up only closed and open.
 set -euo pipefail
 
-readonly CLOSED_HOST=127.0.0.2
-readonly OPEN_HOST=127.0.0.3
+readonly INSTANCES=(closed open tls-open tls-closed)
+readonly -A HOSTS=([closed]=127.0.0.2 [open]=127.0.0.3 [tls-open]=127.0.0.4 [tls-closed]=127.0.0.5)
+# Whether an instance relays for anyone, and its smtpd_tls_security_level (empty: no TLS).
+readonly -A RELAYS=([closed]=no [open]=yes [tls-open]=yes [tls-closed]=no)
+readonly -A TLS_LEVELS=([closed]="" [open]="" [tls-open]=encrypt [tls-closed]=may)
+readonly PRIMARY=closed
 readonly SMTP_PORT=25
 readonly SINK_HOST=127.0.0.1
 readonly SINK_PORT=2525
 readonly TEST_DOMAIN=relaytest.invalid
-readonly CLOSED_DIR=/etc/postfix
-readonly OPEN_NAME=postfix-open
-readonly OPEN_DIR=/etc/$OPEN_NAME
-readonly CLOSED_LOG=/var/log/postfix-closed.log
-readonly OPEN_LOG=/var/log/postfix-open.log
+readonly CERT_DAYS=365
+# A certificate closer than this to its end is replaced, so no test run sees it expire.
+readonly CERT_RENEW_S=$((7 * 86400))
 readonly LOCK=/run/relayprobe-postfix.lock
 readonly START_TIMEOUT_S=30
 
@@ -30,7 +38,17 @@ die() {
     exit 1
 }
 
-# Settings both instances share. Postfix logs to syslog by default and no syslog runs
+# The primary instance lives in /etc/postfix; the others are postmulti instances.
+instance_dir() {
+    if [[ $1 == "$PRIMARY" ]]; then echo /etc/postfix; else echo "/etc/postfix-$1"; fi
+}
+
+instance_log() { echo "/var/log/postfix-$1.log"; }
+hostname_of() { echo "$1.relayprobe.test"; }
+cert_file() { echo "$(instance_dir "$1")/tls-cert.pem"; }
+key_file() { echo "$(instance_dir "$1")/tls-key.pem"; }
+
+# Settings every instance shares. Postfix logs to syslog by default and no syslog runs
 # here, so maillog_file keeps its errors visible.
 common_settings=(
     "compatibility_level = 3.6"
@@ -53,25 +71,52 @@ common_settings=(
     "bounce_queue_lifetime = 10m"
 )
 
-closed_settings=(
-    "myhostname = closed.relayprobe.test"
-    "inet_interfaces = $CLOSED_HOST"
-    # No loopback range: a client here connects from 127.0.0.x and must look foreign.
-    "mynetworks = 192.0.2.250/32"
-    "maillog_file = $CLOSED_LOG"
+relaying_settings=(
+    "mynetworks = 0.0.0.0/0"
+    "transport_maps = inline:{$TEST_DOMAIN=smtp:[$SINK_HOST]:$SINK_PORT}"
+)
+
+# No loopback range: a client here connects from 127.0.0.x and must look foreign.
+closed_settings=("mynetworks = 192.0.2.250/32")
+
+# What "postmulti -e init" would write, which "postmulti -e create" needs.
+primary_settings=(
     "multi_instance_enable = yes"
     "multi_instance_wrapper = \${command_directory}/postmulti -p --"
 )
 
-open_settings=(
-    "myhostname = open.relayprobe.test"
-    "inet_interfaces = $OPEN_HOST"
-    "mynetworks = 0.0.0.0/0"
-    "transport_maps = inline:{$TEST_DOMAIN=smtp:[$SINK_HOST]:$SINK_PORT}"
-    "maillog_file = $OPEN_LOG"
+secondary_settings=(
     "multi_instance_enable = yes"
     "master_service_disable ="
 )
+
+# Fills the global array "settings" with everything instance $1 sets in its main.cf.
+settings_of() {
+    local name=$1
+    settings=(
+        "${common_settings[@]}"
+        "myhostname = $(hostname_of "$name")"
+        "inet_interfaces = ${HOSTS[$name]}"
+        "maillog_file = $(instance_log "$name")"
+    )
+    if [[ ${RELAYS[$name]} == yes ]]; then
+        settings+=("${relaying_settings[@]}")
+    else
+        settings+=("${closed_settings[@]}")
+    fi
+    if [[ $name == "$PRIMARY" ]]; then
+        settings+=("${primary_settings[@]}")
+    else
+        settings+=("${secondary_settings[@]}")
+    fi
+    if [[ -n ${TLS_LEVELS[$name]} ]]; then
+        settings+=(
+            "smtpd_tls_security_level = ${TLS_LEVELS[$name]}"
+            "smtpd_tls_cert_file = $(cert_file "$name")"
+            "smtpd_tls_key_file = $(key_file "$name")"
+        )
+    fi
+}
 
 # Succeeds when HOST:25 answers with a 220 banner within 2 s.
 answers() {
@@ -88,11 +133,18 @@ add_loopback_alias() {
     output=$(ip addr add "$address/32" dev lo 2>&1) || die "ip addr add $address/32 dev lo: $output"
 }
 
-# Prints everything that defines an instance, so a running one is restarted only on change.
+# Prints everything that defines a configured instance, so a running one is restarted only
+# on change: its settings (less the list of other instances, which the primary holds but
+# its daemons ignore), its services, and its certificate.
 fingerprint() {
-    local dir=$1
-    postconf -c "$dir" -n
+    local dir=$1 cert
+    [[ -f $dir/main.cf ]] || return 0
+    postconf -c "$dir" -n | grep -v '^multi_instance_directories = '
     postconf -c "$dir" -M
+    cert=$(postconf -c "$dir" -xh smtpd_tls_cert_file)
+    if [[ -n $cert && -f $cert ]]; then
+        cksum "$cert"
+    fi
 }
 
 # Writes only the settings that differ: Postfix commands pause about 1.5 s after main.cf
@@ -121,16 +173,56 @@ apply_settings() {
     fi
 }
 
+# Succeeds when instance $1 has a key and a matching certificate for its hostname that is
+# not about to expire.
+certificate_current() {
+    local name=$1 cert key
+    cert=$(cert_file "$name")
+    key=$(key_file "$name")
+    [[ -s $cert && -s $key ]] || return 1
+    openssl x509 -in "$cert" -noout -checkend "$CERT_RENEW_S" >/dev/null 2>&1 || return 1
+    [[ $(openssl x509 -in "$cert" -noout -subject -nameopt RFC2253 2>/dev/null) \
+        == "subject=CN=$(hostname_of "$name")" ]] || return 1
+    [[ $(openssl x509 -in "$cert" -noout -pubkey 2>/dev/null) \
+        == "$(openssl pkey -in "$key" -pubout 2>/dev/null)" ]]
+}
+
+# A fresh self-signed certificate, written beside the old one and moved in place, so a
+# failed run leaves no half-written file behind.
+generate_certificate() {
+    local name=$1 cert key common_name output
+    cert=$(cert_file "$name")
+    key=$(key_file "$name")
+    common_name=$(hostname_of "$name")
+    output=$(umask 077 && openssl req -x509 -newkey rsa:2048 -nodes -days "$CERT_DAYS" \
+        -subj "/CN=$common_name" -addext "subjectAltName = DNS:$common_name" \
+        -keyout "$key.new" -out "$cert.new" 2>&1) \
+        || die "openssl could not make a certificate for $common_name: $output"
+    chmod 0644 "$cert.new"
+    mv -f "$key.new" "$key"
+    mv -f "$cert.new" "$cert"
+}
+
+postmulti_instance_exists() {
+    postmulti -l | awk -v name="$1" '$1 == name {found = 1} END {exit !found}'
+}
+
 configure() {
-    [[ -f $CLOSED_DIR/main.cf ]] || touch "$CLOSED_DIR/main.cf"
-    # The primary instance is the closed one; its settings include what "postmulti -e init"
-    # would write, which "postmulti -e create" needs.
-    apply_settings "$CLOSED_DIR" "${common_settings[@]}" "${closed_settings[@]}"
-    if ! postmulti -l | awk -v name="$OPEN_NAME" '$1 == name {found = 1} END {exit !found}'; then
-        postmulti -I "$OPEN_NAME" -G mta -e create
-    fi
-    apply_settings "$OPEN_DIR" "${common_settings[@]}" "${open_settings[@]}"
-    touch "$CLOSED_LOG" "$OPEN_LOG"
+    local name dir
+    [[ -f /etc/postfix/main.cf ]] || touch /etc/postfix/main.cf
+    # The primary comes first: "postmulti -e create" needs its multi-instance settings.
+    for name in "$PRIMARY" "${INSTANCES[@]}"; do
+        dir=$(instance_dir "$name")
+        if [[ $name != "$PRIMARY" ]] && ! postmulti_instance_exists "postfix-$name"; then
+            postmulti -I "postfix-$name" -G mta -e create
+        fi
+        settings_of "$name"
+        apply_settings "$dir" "${settings[@]}"
+        if [[ -n ${TLS_LEVELS[$name]} ]] && ! certificate_current "$name"; then
+            generate_certificate "$name"
+        fi
+        touch "$(instance_log "$name")"
+    done
 }
 
 running() {
@@ -138,12 +230,13 @@ running() {
 }
 
 start_instance() {
-    local dir=$1 before=$2 log=$3
+    local name=$1 before=$2 dir log output
+    dir=$(instance_dir "$name")
+    log=$(instance_log "$name")
     if running "$dir"; then
         [[ $before == "$(fingerprint "$dir")" ]] && return 0
         postfix -c "$dir" stop >/dev/null 2>&1
     fi
-    local output
     output=$(postfix -c "$dir" start 2>&1) || {
         printf '%s\n' "$output" >&2
         tail -n 20 "$log" >&2
@@ -152,34 +245,34 @@ start_instance() {
 }
 
 wait_until_answering() {
-    local deadline=$((SECONDS + START_TIMEOUT_S)) host
-    for host in "$CLOSED_HOST" "$OPEN_HOST"; do
-        until answers "$host"; do
-            ((SECONDS < deadline)) || die "$host:$SMTP_PORT does not answer after ${START_TIMEOUT_S}s"
+    local deadline=$((SECONDS + START_TIMEOUT_S)) name
+    for name in "${INSTANCES[@]}"; do
+        until answers "${HOSTS[$name]}"; do
+            ((SECONDS < deadline)) \
+                || die "$name (${HOSTS[$name]}:$SMTP_PORT) does not answer after ${START_TIMEOUT_S}s"
             sleep 0.2
         done
     done
 }
 
 start() {
-    add_loopback_alias "$CLOSED_HOST"
-    add_loopback_alias "$OPEN_HOST"
-    local closed_before="" open_before=""
-    if [[ -f $CLOSED_DIR/main.cf ]]; then
-        closed_before=$(fingerprint "$CLOSED_DIR")
-    fi
-    if [[ -f $OPEN_DIR/main.cf ]]; then
-        open_before=$(fingerprint "$OPEN_DIR")
-    fi
+    local name
+    local -A before=()
+    for name in "${INSTANCES[@]}"; do
+        add_loopback_alias "${HOSTS[$name]}"
+        before[$name]=$(fingerprint "$(instance_dir "$name")")
+    done
     configure
-    start_instance "$CLOSED_DIR" "$closed_before" "$CLOSED_LOG"
-    start_instance "$OPEN_DIR" "$open_before" "$OPEN_LOG"
+    for name in "${INSTANCES[@]}"; do
+        start_instance "$name" "${before[$name]}"
+    done
     wait_until_answering
 }
 
 stop() {
-    local dir
-    for dir in "$CLOSED_DIR" "$OPEN_DIR"; do
+    local name dir
+    for name in "${INSTANCES[@]}"; do
+        dir=$(instance_dir "$name")
         if [[ -f $dir/main.cf ]] && running "$dir"; then
             postfix -c "$dir" stop >/dev/null 2>&1 || die "postfix -c $dir stop failed"
         fi
@@ -187,12 +280,12 @@ stop() {
 }
 
 status() {
-    local host failed=0
-    for host in "$CLOSED_HOST" "$OPEN_HOST"; do
-        if answers "$host"; then
-            echo "$host:$SMTP_PORT answers"
+    local name failed=0
+    for name in "${INSTANCES[@]}"; do
+        if answers "${HOSTS[$name]}"; then
+            echo "$name ${HOSTS[$name]}:$SMTP_PORT answers"
         else
-            echo "$host:$SMTP_PORT does not answer"
+            echo "$name ${HOSTS[$name]}:$SMTP_PORT does not answer"
             failed=1
         fi
     done
