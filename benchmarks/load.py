@@ -13,9 +13,13 @@ session time (connect to hang-up), the service's idle and peak RSS, and the CPU 
 service, the fake mail server, the callers and everything else on the machine (kernel work and
 other processes: a busy machine explains a slow run).
 
+With `--door http` the callers are curl-style HTTP clients of the web front door instead
+(`GET /`, `Accept: */*`, reading the streamed transcript until the service closes).
+
 Run from the repository root:
 
-    python -m benchmarks.load [--sessions 100 1000] [--repeat R] [--timeout S] [--json]
+    python -m benchmarks.load [--door telnet|http] [--sessions 100 1000] [--repeat R]
+                              [--timeout S] [--json]
 
 (`python -m benchmarks.load fake --count N` is the fake mail server process it starts.)
 """
@@ -42,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relayprobe import runtime
+from relayprobe.core import BUSY
 from relayprobe.fakemx import FakeMailServer, relays_nothing
-from relayprobe.server import BUSY
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FAKE_COMMAND = "fake"
@@ -229,17 +233,21 @@ def wait_until_listening(process: subprocess.Popen[str], log_path: Path) -> None
 
 @contextlib.contextmanager
 def reflector_process(
-    mail_port: int, log_path: Path
+    mail_port: int, log_path: Path, door: str
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`relayprobe serve` on a free 127.0.0.1 port, logging JSON to `log_path`."""
-    port = free_port()
+    """`relayprobe serve` with `door` (telnet or http) on a free 127.0.0.1 port, logging JSON
+    to `log_path`."""
+    port, other = free_port(), free_port()
+    telnet, web = (port, other) if door == "telnet" else (other, port)
     command = [
         sys.executable,
         "-m",
         "relayprobe",
         "serve",
         "--listen",
-        f"127.0.0.1:{port}",
+        f"127.0.0.1:{telnet}",
+        "--web-listen",
+        f"127.0.0.1:{web}",
         "--target-port",
         str(mail_port),
         "--max-sessions",
@@ -303,13 +311,21 @@ async def _read_tail(reader: asyncio.StreamReader) -> bytes:
     return tail
 
 
-async def call(service: tuple[str, int], source: str, deadline: float) -> Call:
-    """Connect from `source`, read until the service hangs up, and say how it went."""
+# What curl sends for `curl -N http://HOST:PORT/`.
+HTTP_REQUEST = (
+    b"GET / HTTP/1.1\r\nHost: relay-test.example\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
+)
+
+
+async def call(service: tuple[str, int], source: str, deadline: float, request: bytes) -> Call:
+    """Connect from `source`, send `request` (if any), read until the service hangs up, and say
+    how it went."""
     started = time.perf_counter()
     failure: str | None
     try:
         async with asyncio.timeout_at(deadline):
             reader, writer = await asyncio.open_connection(*service, local_addr=(source, 0))
+            writer.write(request)
             try:
                 tail = await _read_tail(reader)
             finally:
@@ -326,10 +342,12 @@ async def call(service: tuple[str, int], source: str, deadline: float) -> Call:
     return Call(started, time.perf_counter(), failure)
 
 
-async def call_all(service: tuple[str, int], sources: Sequence[str], timeout: float) -> list[Call]:
+async def call_all(
+    service: tuple[str, int], sources: Sequence[str], timeout: float, request: bytes = b""
+) -> list[Call]:
     """Every caller at once, all bounded by one deadline."""
     deadline = asyncio.get_running_loop().time() + timeout
-    return await asyncio.gather(*(call(service, source, deadline) for source in sources))
+    return await asyncio.gather(*(call(service, source, deadline, request) for source in sources))
 
 
 # Runs
@@ -394,17 +412,18 @@ def megabytes(kib: int) -> float:
     return kib * 1024 / 1e6
 
 
-def run_once(sessions: int, timeout: float, log_path: Path) -> Run:
+def run_once(sessions: int, timeout: float, log_path: Path, door: str = "telnet") -> Run:
     """Fresh fake and service processes, `sessions` callers at once, and what it took."""
     sources = caller_addresses(sessions)
+    request = HTTP_REQUEST if door == "http" else b""
     with (
         fake_mail_process(sessions) as (fake, mail_port),
-        reflector_process(mail_port, log_path) as (service, port),
+        reflector_process(mail_port, log_path, door) as (service, port),
     ):
         idle_kib = proc_status_kib(service.pid, "VmRSS")
         service_cpu, fake_cpu = cpu_seconds(service.pid), cpu_seconds(fake.pid)
         callers_cpu, machine_busy = time.process_time(), machine_busy_seconds()
-        calls = runtime.run(call_all(("127.0.0.1", port), sources, timeout))
+        calls = runtime.run(call_all(("127.0.0.1", port), sources, timeout, request))
         callers_cpu = time.process_time() - callers_cpu
         machine_busy = machine_busy_seconds() - machine_busy
         service_cpu = cpu_seconds(service.pid) - service_cpu
@@ -427,12 +446,14 @@ def run_once(sessions: int, timeout: float, log_path: Path) -> Run:
     )
 
 
-def benchmark(session_counts: Sequence[int], repeat: int, timeout: float) -> list[Run]:
+def benchmark(
+    session_counts: Sequence[int], repeat: int, timeout: float, door: str = "telnet"
+) -> list[Run]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="relayprobe-load-") as workdir:
         for _ in range(repeat):
             for sessions in session_counts:
-                runs.append(run_once(sessions, timeout, Path(workdir, "service.log")))
+                runs.append(run_once(sessions, timeout, Path(workdir, "service.log"), door))
     return runs
 
 
@@ -534,6 +555,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=RUN_TIMEOUT_S,
         help=f"seconds a run may take, at most {MAX_RUN_TIMEOUT_S:g} (default {RUN_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--door",
+        choices=("telnet", "http"),
+        default="telnet",
+        help="the front door the callers use (default telnet)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(arguments)
     if not all(1 <= sessions <= MAX_SESSIONS for sessions in args.sessions):
@@ -544,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--timeout must be above 0 and at most {MAX_RUN_TIMEOUT_S:g}")
     raise_file_limit()
     try:
-        runs = benchmark(args.sessions, args.repeat, args.timeout)
+        runs = benchmark(args.sessions, args.repeat, args.timeout, args.door)
     except BenchmarkError as exc:
         print(f"load: {exc}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Literal
 
 IPAddress = IPv4Address | IPv6Address
@@ -26,6 +26,11 @@ def unmap_ipv4(address: IPAddress) -> IPAddress:
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def peer_address(host: str) -> IPAddress:
+    """The address of a peer; an IPv4-mapped IPv6 address is the IPv4 address it maps."""
+    return unmap_ipv4(ip_address(host))
 
 
 def parse_network(value: str | IPNetwork) -> IPNetwork:
@@ -160,21 +165,31 @@ class RateLimiter:
     def check(self, address: IPAddress) -> RateDecision:
         """Decide whether `address` may start a test now, and record the start if so."""
         now = self._clock()
+        decision, keys = self._decide(unmap_ipv4(address), now)
+        if not decision.allowed:
+            return decision
+        for key in keys:
+            self._record(key, now)
+        self._global.take()
+        while len(self._logs) > self._max_entries:
+            self._logs.popitem(last=False)
+        return decision
+
+    def peek(self, address: IPAddress) -> RateDecision:
+        """What `check` would decide now, recording nothing: for a page that says whether the
+        visitor may test."""
+        return self._decide(unmap_ipv4(address), self._clock())[0]
+
+    def _decide(self, address: IPAddress, now: float) -> tuple[RateDecision, tuple[_Key, ...]]:
         self._drop_expired(now)
-        address = unmap_ipv4(address)
         keys = (self._key("address", address), self._key("prefix", address))
         waits: list[tuple[float, Reason]] = [(self._window_wait(key, now), key[0]) for key in keys]
         waits.append((self._global.wait(now), "global"))
         # The longest wait is the earliest moment every limit could allow the test.
         wait, reason = max(waits, key=lambda item: item[0])
         if wait > 0:
-            return RateDecision(allowed=False, reason=reason, retry_after=wait)
-        for key in keys:
-            self._record(key, now)
-        self._global.take()
-        while len(self._logs) > self._max_entries:
-            self._logs.popitem(last=False)
-        return RateDecision(allowed=True)
+            return RateDecision(allowed=False, reason=reason, retry_after=wait), keys
+        return RateDecision(allowed=True), keys
 
     def refund_global(self) -> None:
         """Give back the global token of a test that ended before it cost anything: a caller
@@ -225,6 +240,8 @@ class Refusal:
 
     reason: str
     message: str
+    retry_after_s: int | None = None
+    """When trying again may work, for HTTP's Retry-After; None when it won't by itself."""
 
 
 ACCESS_REFUSAL = Refusal("access", "This service tests only customer networks")
@@ -238,4 +255,5 @@ def rate_refusal(decision: RateDecision) -> Refusal:
     return Refusal(
         f"rate_{reason}",
         f"Too many tests from {_RATE_WHO[reason]}; try again in {seconds} s",
+        retry_after_s=seconds,
     )

@@ -15,12 +15,14 @@ import structlog
 
 from relayprobe.canary import InMemoryRegistry
 from relayprobe.config import Endpoint, Settings
-from relayprobe.http import OperatorHTTP
+from relayprobe.core import SessionCore
+from relayprobe.historywriter import HistoryWriter
 from relayprobe.metrics import Metrics
+from relayprobe.opshttp import OperatorHTTP
 from relayprobe.server import ReflectorService, StartupError, bind_advice
 from relayprobe.sink import CanarySink
 from relayprobe.sinktls import SinkTLSError, sink_tls_context
-from relayprobe.store import HistoryWriter
+from relayprobe.web import StoredResults, WebFrontDoor
 
 log = structlog.get_logger("relayprobe")
 
@@ -83,12 +85,26 @@ class Application:
             if settings.history
             else None
         )
-        self.reflector = ReflectorService(
+        self.core = SessionCore(
             settings,
             registry=self.registry,
             metrics=self.metrics,
             on_result=self.history.submit if self.history is not None else None,
         )
+        self.reflector = ReflectorService(self.core)
+        self.web = WebFrontDoor(
+            self.core,
+            results=(
+                None
+                if self.history is None
+                else StoredResults(
+                    settings.state_dir,
+                    retention_days=settings.retention_days,
+                    writer=self.history,
+                ).find
+            ),
+        )
+        self.web_addresses: list[Endpoint] = []
         self.listening: list[Endpoint] = []
         self.sink_address: Endpoint | None = None
         self.http_address: Endpoint | None = None
@@ -105,6 +121,7 @@ class Application:
             addresses=[str(endpoint) for endpoint in self.listening],
             sink=str(self.sink_address) if self.sink_address else None,
             http=str(self.http_address) if self.http_address else None,
+            web=[str(endpoint) for endpoint in self.web_addresses],
             test_domain=self.settings.test_domain,
         )
         if self.sink_address is None:
@@ -129,8 +146,12 @@ class Application:
         self.sink_address = await self._stack.enter_async_context(
             canary_sink(self.settings, self.registry, on_delivery=self.metrics.sink_delivery)
         )
-        self.listening = await self.reflector.start()
+        # Stopped in reverse: the reflector's shutdown stops every test (the web door's too),
+        # so that a curl caller reads the shutdown notice before its listener goes.
+        self._stack.push_async_callback(self.web.stop)
         self._stack.push_async_callback(self.reflector.shutdown)
+        self.listening = await self.reflector.start()
+        self.web_addresses = await self.web.start(self.settings.web_listen)
         endpoint = self.settings.http_listen
         if endpoint is not None:
             http = OperatorHTTP(metrics=self.metrics, ready=self.ready)

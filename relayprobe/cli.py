@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import datetime
 import ipaddress
 import json
 import logging
@@ -22,13 +24,14 @@ import structlog
 from relayprobe import __version__, runtime
 from relayprobe.app import Application, canary_sink, new_registry, sink_tls
 from relayprobe.config import ConfigError, Settings, add_options, load_settings
+from relayprobe.core import SessionCore
 from relayprobe.demo import run_demo
-from relayprobe.engine import run_relay_test
 from relayprobe.events import Event
+from relayprobe.historyformat import format_entry, format_table
 from relayprobe.logging import configure_logging
-from relayprobe.render import Transcript, json_result
+from relayprobe.sanitize import sanitize_text
 from relayprobe.server import StartupError
-from relayprobe.store import DATABASE_NAME, HistoryStore, format_entry, format_table
+from relayprobe.store import DATABASE_NAME, HistoryStore
 
 # An accepted probe is not an open relay until a test message arrives: "accepted" has a status
 # of its own, so that a script never calls an unproven server open (the qmail case).
@@ -76,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     history.add_argument("--limit", type=int, default=20, metavar="N", help="at most N results")
     history.add_argument(
-        "--show", type=int, metavar="ID", help="print the transcript of one result"
+        "--show", metavar="ID", help="print one result in full, by its ID or public ID"
     )
     history.add_argument("--json", action="store_true", help="print JSON results")
     add_options(history, "history")
@@ -98,20 +101,20 @@ async def _resolve(target: str, port: int) -> str:
 
 
 async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
-    address = await _resolve(target, settings.target_port)
-    transcript = Transcript()
+    address = ipaddress.ip_address(await _resolve(target, settings.target_port))
 
-    def show(event: Event) -> None:
-        for line in transcript.add(event):
-            if not as_json:
+    def show(event: Event, lines: tuple[str, ...]) -> None:
+        if not as_json:
+            for line in lines:
                 print(line, flush=True)
 
     registry = new_registry(settings)
     async with canary_sink(settings, registry):
-        summary = await run_relay_test(address, settings.test_options(), show, registry=registry)
+        core = SessionCore(dataclasses.replace(settings, motd=""), registry=registry)
+        result = await core.run(address, show)
     if as_json:
-        print(json.dumps(json_result(summary, transcript.lines), indent=2))
-    return EXIT_BY_VERDICT[summary.verdict]
+        print(json.dumps(result.to_json(), indent=2))
+    return EXIT_BY_VERDICT[result.verdict]
 
 
 def _raise_open_file_limit() -> None:
@@ -144,10 +147,20 @@ def _history(settings: Settings, args: dict[str, Any]) -> int:
         if not Path(settings.state_dir, DATABASE_NAME).exists():
             raise UsageError(f"no history in {settings.state_dir} (see --state-dir)")
         with HistoryStore(settings.state_dir) as store:
-            if args["show"] is not None:
-                entry = store.get(args["show"])
+            show = args["show"]
+            if show is not None:
+                # No public ID is all digits (see store._PUBLIC_ID): digits are a row number.
+                entry = (
+                    store.get(int(show))
+                    if show.isascii() and show.isdigit()
+                    else store.by_public_id(
+                        show,
+                        now=datetime.datetime.now(datetime.UTC),
+                        retention_days=settings.retention_days,
+                    )
+                )
                 if entry is None:
-                    raise UsageError(f"no result with ID {args['show']}")
+                    raise UsageError(f"no result with ID {sanitize_text(show)}")
                 entries = [entry]
             else:
                 entries = store.recent(address=args["address"], limit=args["limit"])

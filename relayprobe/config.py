@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,28 @@ def parse_hostname(value: object) -> str:
     if not is_hostname(name):
         raise ValueError(f"{name!r} is not a dotted host name")
     return name.lower()
+
+
+def parse_public_url(value: object) -> str:
+    """`https://relay-test.isp.example` (or with a path): where the web front door is reached,
+    for the links to results; kept without a trailing slash."""
+    text = _text(value)
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    if url.query or url.fragment or url.username or url.password:
+        raise ValueError(f"expected a URL without query, fragment or user, got {text!r}")
+    if not is_hostname(url.hostname) and not _is_ip(url.hostname):
+        raise ValueError(f"{url.hostname!r} is not a host name")
+    return text.rstrip("/")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_endpoint(value: object) -> Endpoint:
@@ -541,6 +564,25 @@ class Settings:
             "serve /metrics, /healthz and /readyz here",
             commands=_SERVE,
             metavar="ADDR:PORT",
+        ),
+    )
+    web_listen: tuple[Endpoint, ...] = field(
+        default=(),
+        metadata=_option(
+            parse_endpoint,
+            "address of the public web front door: curl and browsers (repeatable)",
+            commands=_SERVE,
+            metavar="ADDR:PORT",
+            many=True,
+        ),
+    )
+    public_url: str | None = field(
+        default=None,
+        metadata=_option(
+            parse_public_url,
+            "URL of the web front door, for links to stored results",
+            commands=_SERVE,
+            metavar="URL",
         ),
     )
     state_dir: str = field(

@@ -16,6 +16,7 @@ from typing import Any
 
 from relayprobe.app import canary_sink, new_registry
 from relayprobe.config import Endpoint, Settings
+from relayprobe.core import SessionCore
 from relayprobe.fakemx import FakeMailServer, relays_everything, relays_like_qmail, relays_nothing
 from relayprobe.server import ReflectorService
 
@@ -87,7 +88,7 @@ async def run_demo(settings: Settings, *, show: Callable[[str], None] = print) -
         assert sink is not None
         port, mail_servers = await _start_mail_servers(sink)
         service = ReflectorService(
-            dataclasses.replace(settings, target_port=port), registry=registry
+            SessionCore(dataclasses.replace(settings, target_port=port), registry=registry)
         )
         try:
             (endpoint,) = await service.start()

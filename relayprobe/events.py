@@ -21,6 +21,13 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceMessage:
+    """Lines from the service itself, not the test: the message of the day, a shutdown notice."""
+
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Connecting:
     address: str
     port: int
@@ -180,7 +187,8 @@ class Summary:
 
 
 Event = (
-    Connecting
+    ServiceMessage
+    | Connecting
     | Greeted
     | Sent
     | Received

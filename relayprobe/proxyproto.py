@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from relayprobe.access import unmap_ipv4
+
 V1_PREFIX = b"PROXY "
 # The spec's worst case: "PROXY UNKNOWN" + two full-length IPv6 addresses + ports + CRLF.
 V1_MAX_LENGTH = 107
@@ -341,3 +343,31 @@ def _ip_endpoint(endpoint: Endpoint) -> _IPEndpoint:
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port {port} out of range")
     return ip_address(host), port
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRead:
+    """What a front door learns from feeding a connection's first bytes to its PROXY parser."""
+
+    complete: bool
+    source: IPv4Address | IPv6Address | None = None
+    """Whom the proxy speaks for (an IPv4-mapped address as IPv4); None for LOCAL or UNKNOWN,
+    the proxy speaking for itself, as in HAProxy's health checks."""
+    rest: bytes = b""
+    """The bytes after the header: the start of the application stream."""
+    error: str | None = None
+
+
+_WAITING = ProxyRead(complete=False)
+
+
+def read_proxy_header(parser: ProxyHeaderParser, data: bytes) -> ProxyRead:
+    """Feed `data` to `parser`: waiting for more, a bad header, or who the connection is for."""
+    try:
+        header = parser.feed(data)
+    except ProxyHeaderError as exc:
+        return ProxyRead(complete=True, error=str(exc))
+    if header is None:
+        return _WAITING
+    source = None if header.source is None else unmap_ipv4(ip_address(header.source[0]))
+    return ProxyRead(complete=True, source=source, rest=parser.remainder)

@@ -17,6 +17,7 @@ from relayprobe.events import (
     Received,
     Relayed,
     Sent,
+    ServiceMessage,
     Summary,
     TlsReport,
     TlsStarted,
@@ -67,6 +68,8 @@ def _tls_json(tls: TlsReport) -> dict[str, Any]:
 def text_lines(event: Event) -> tuple[str, ...]:
     """The transcript lines for one event (without line endings)."""
     match event:
+        case ServiceMessage(lines=lines):
+            return lines
         case Connecting(address=address):
             return (f"Connecting to {address} ...",)
         case Sent(line=line):
@@ -87,6 +90,14 @@ def text_lines(event: Event) -> tuple[str, ...]:
             # The rest (Greeted, ProbeFinished, TLS states, Note, RelayTestEnded...) are facts for
             # the summary: their lines are the summary's.
             return ()
+
+
+def ndjson_records(event: Event, lines: Sequence[str]) -> list[dict[str, Any]]:
+    """The NDJSON records of one event: its transcript lines, and a probe's outcome."""
+    records: list[dict[str, Any]] = [{"type": "line", "text": line} for line in lines]
+    if isinstance(event, ProbeFinished):
+        records.append({"type": "probe", "name": event.name, "outcome": event.outcome.value})
+    return records
 
 
 def _count(probes: Sequence[ProbeFinished], *outcomes: Outcome) -> int:

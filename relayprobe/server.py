@@ -9,37 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
-import ipaddress
-import itertools
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, cast
+from collections.abc import Callable
+from typing import cast
 
 import structlog
 
-from relayprobe.access import (
-    ACCESS_REFUSAL,
-    AccessPolicy,
-    RateLimiter,
-    Refusal,
-    TokenBucket,
-    parse_network,
-    rate_refusal,
+from relayprobe.access import TokenBucket, peer_address
+from relayprobe.config import Endpoint
+from relayprobe.core import (
+    EndReason,
+    IPAddress,
+    RunningTest,
+    SessionCore,
+    Ticket,
 )
-from relayprobe.canary import CanaryRegistry
-from relayprobe.config import Endpoint, Settings
-from relayprobe.engine import run_relay_test
-from relayprobe.events import Event, Received, Summary
-from relayprobe.metrics import Metrics
-from relayprobe.proxyproto import ProxyHeaderError, ProxyHeaderParser
-from relayprobe.render import MAX_KEPT_CHARS, Transcript, json_result
+from relayprobe.events import Event
+from relayprobe.proxyproto import ProxyHeaderParser, read_proxy_header
+from relayprobe.result import TestResult
 from relayprobe.tcpstate import PeerState, limit_send_queue, peer_state
 from relayprobe.telnet import NO_OPERATION, TelnetInput, encode_line
 
 log = structlog.get_logger("relayprobe.server")
 
-BUSY = Refusal("busy", "Too many tests running, try again in a minute")
 SHUTDOWN_MESSAGE = ":Service shutting down"
 # Above this, asyncio asks us to pause; a pause longer than the write timeout ends the session.
 WRITE_HIGH_WATER = 64 * 1024
@@ -51,22 +43,10 @@ CALLER_CHECK_INTERVAL = 0.25
 CALLER_FIRST_CHECK = 0.01
 # How long a probe waits for a caller that has sent FIN to acknowledge what we wrote.
 CALLER_CHECK_TIMEOUT = 1.0
-SLOW_CLIENT = "client stopped reading"
-CLIENT_CLOSED = "client closed"
-
-ResultSink = Callable[[Mapping[str, Any]], None]
 
 
 class StartupError(OSError):
     """The service cannot start; the message says why and how to fix it."""
-
-
-def target_address(peer: str) -> str:
-    """The address to test for a peer: an IPv4-mapped IPv6 peer is tested as IPv4."""
-    address = ipaddress.ip_address(peer)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 class TelnetSession(asyncio.Protocol):
@@ -78,35 +58,30 @@ class TelnetSession(asyncio.Protocol):
     second, and before each probe we wait until the caller has acknowledged what we sent.
     """
 
-    def __init__(self, service: ReflectorService, session_id: int) -> None:
+    def __init__(self, service: ReflectorService) -> None:
         self.service = service
-        self.session_id = session_id
-        settings = service.settings
+        self.core = service.core
+        self.session_id = self.core.next_session_id()
+        settings = self.core.settings
         self.telnet = TelnetInput()
         self.input_budget = TokenBucket(
             rate=settings.caller_input_rate,
             capacity=settings.caller_input_bytes,
             now=time.monotonic(),
         )
-        # The transcript is kept only for the history; without one, keeping it costs for nothing.
-        self.transcript = Transcript(max_chars=MAX_KEPT_CHARS if service.on_result else 0)
         self.pending: list[bytes] = []
         self.transport: asyncio.Transport | None = None
-        self.peer = ""
         self.proxy: ProxyHeaderParser | None = None
-        self.task: asyncio.Task[Summary] | None = None
+        self.running: RunningTest | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.watch: asyncio.TimerHandle | None = None
-        self.end_reason: str | None = None
         self.ignoring_input = False
-        self.heard_server = False
-        """Whether the tested server has said anything yet: until then the test cost little."""
         self.caller_silent = False
         """The caller sent FIN, or we stopped reading: only writes can tell us it has gone."""
         self.written_since_check = False
         """Whether anything went out since the caller was last checked: if it has gone, what
         we wrote is answered with a reset; if nothing went out, a NOP must."""
-        self.log = log
+        self.log = log.bind(session=self.session_id)
 
     # asyncio callbacks
 
@@ -117,18 +92,18 @@ class TelnetSession(asyncio.Protocol):
         if peername is None:  # the caller reset the connection before we saw it
             transport.close()
             return
-        settings = self.service.settings
+        settings = self.core.settings
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         limit_send_queue(
             transport.get_extra_info("socket"),
             buffer_bytes=CALLER_SEND_BUFFER,
             stalled_after=settings.caller_write_timeout,
         )
-        self.peer = target_address(peername[0])
-        self.log = log.bind(session=self.session_id, peer=self.peer)
+        peer = peer_address(peername[0])
+        self.log = self.log.bind(peer=str(peer))
         if not settings.proxy_protocol:
-            self._admit(self.peer)
-        elif self.service.is_trusted_proxy(self.peer):
+            self._admit(peer)
+        elif self.core.is_trusted_proxy(peer):
             self.proxy = ProxyHeaderParser()
             self._start_timer(settings.proxy_timeout, self._drop, "no PROXY header in time")
         else:
@@ -149,25 +124,25 @@ class TelnetSession(asyncio.Protocol):
         if result.reply:
             self._queue(result.reply)
         if result.interrupted:
-            self.end("interrupted")
+            self.end(EndReason.INTERRUPTED)
 
     def eof_received(self) -> bool:
-        if self.task is None or self.task.done():
-            self.end(CLIENT_CLOSED)
+        if self.running is None or self.running.result is not None:
+            self.end(EndReason.CLIENT_CLOSED)
             return False
         self.log.debug("caller_half_closed")
         self._watch_caller()
         return True  # keep writing: a half-closed caller still reads
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.end(CLIENT_CLOSED)
+        self.end(EndReason.CLIENT_CLOSED)
         self._cancel_timer()
         if self.watch is not None:
             self.watch.cancel()
 
     def pause_writing(self) -> None:
-        timeout = self.service.settings.caller_write_timeout
-        self._start_timer(timeout, self.end, SLOW_CLIENT)
+        timeout = self.core.settings.caller_write_timeout
+        self._start_timer(timeout, self.end, EndReason.SLOW_CLIENT)
 
     def resume_writing(self) -> None:
         self._cancel_timer()
@@ -177,40 +152,38 @@ class TelnetSession(asyncio.Protocol):
     def _read_proxy_header(self, data: bytes) -> bytes:
         """Feed the PROXY parser; admit the caller once the header is complete."""
         assert self.proxy is not None
-        try:
-            header = self.proxy.feed(data)
-        except ProxyHeaderError as exc:
-            self._drop(f"bad PROXY header: {exc}")
-            return b""
-        if header is None:
+        read = read_proxy_header(self.proxy, data)
+        if not read.complete:
             return b""
         self._cancel_timer()
-        rest, self.proxy = self.proxy.remainder, None
-        if header.source is None:
-            # LOCAL / UNKNOWN: the proxy speaking for itself, as in HAProxy's health checks.
+        self.proxy = None
+        if read.error is not None:
+            self._drop(f"bad PROXY header: {read.error}")
+        elif read.source is None:
             self.log.debug("proxy_local_connection")
-            self.end("proxy")
-            return b""
-        caller = target_address(header.source[0])
-        self.log = self.log.bind(caller=caller)
-        self._admit(caller)
-        return rest
+            self._close()
+        else:
+            self.log = self.log.bind(caller=str(read.source))
+            self._admit(read.source)
+            return read.rest
+        return b""
 
-    def _admit(self, caller: str) -> None:
-        refusal = self.service.admit(caller)
-        if refusal is None:
-            self.task = self.service.start_session(self, caller)
+    def _admit(self, caller: IPAddress) -> None:
+        ticket = self.core.admit(caller, door="telnet", session_id=self.session_id)
+        if not isinstance(ticket, Ticket):
+            self.write_line(ticket.message)
+            self._close()
             return
-        self.log.info("session_refused", reason=refusal.reason, target=caller)
-        self.service.metrics.refused(refusal.reason)
-        self.write_line(refusal.message)
-        self.end(refusal.reason)
+        self.running = self.core.start(
+            ticket, on_lines=self.show, checkpoint=self.caller_present, on_done=self._test_done
+        )
+        self.service.sessions[self.session_id] = self
 
     def _drop(self, why: str) -> None:
         """Close a connection whose PROXY header can't be believed; nothing connects out."""
         self.log.warning("proxy_refused", why=why)
-        self.service.metrics.refused("proxy")
-        self.end("proxy")
+        self.core.metrics.refused("proxy")
+        self._close(abort=True)
 
     # The caller's input
 
@@ -220,7 +193,7 @@ class TelnetSession(asyncio.Protocol):
         self.transport.pause_reading()
         self.ignoring_input = True
         self.log.info("caller_input_ignored")
-        limit = self.service.settings.caller_input_bytes
+        limit = self.core.settings.caller_input_bytes
         self.write_line(f":Ignoring your input from now on (over {limit} bytes); hang up to stop")
         self._watch_caller()
 
@@ -240,7 +213,7 @@ class TelnetSession(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if peer_state(transport.get_extra_info("socket")) is PeerState.GONE:
-            self.end(CLIENT_CLOSED)
+            self.end(EndReason.CLIENT_CLOSED)
             return
         self._write_something()
         self.watch = asyncio.get_running_loop().call_later(next_in, self._check_caller)
@@ -267,7 +240,7 @@ class TelnetSession(asyncio.Protocol):
         while time.monotonic() < deadline:
             state = peer_state(sock)
             if state is PeerState.GONE or transport.is_closing():
-                self.end(CLIENT_CLOSED)
+                self.end(EndReason.CLIENT_CLOSED)
                 raise asyncio.CancelledError
             if state is PeerState.UNKNOWN or (
                 state is PeerState.PRESENT and not transport.get_write_buffer_size()
@@ -297,33 +270,41 @@ class TelnetSession(asyncio.Protocol):
             return
         transport.write(b"".join(pending))
         self.written_since_check = True
-        if transport.get_write_buffer_size() > self.service.settings.caller_output_bytes:
-            self.end(SLOW_CLIENT)
+        if transport.get_write_buffer_size() > self.core.settings.caller_output_bytes:
+            self.end(EndReason.SLOW_CLIENT)
 
-    def emit(self, event: Event) -> None:
-        if isinstance(event, Received):
-            self.heard_server = True
-        for line in self.transcript.add(event):
+    def show(self, event: Event, lines: tuple[str, ...]) -> None:
+        for line in lines:
             self.write_line(line)
 
     # Ending
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: EndReason) -> None:
         """Stop the test (its SMTP session gets QUIT) and hang up; the first reason counts."""
-        if self.end_reason is None:
-            self.end_reason = reason
-        if reason != SLOW_CLIENT:
+        if self.running is not None:
+            self.running.stop(reason)
+        self._close(abort=reason is EndReason.SLOW_CLIENT)
+
+    def _test_done(self, running: RunningTest) -> None:
+        """The core is done with the test, whatever ended it: say why if need be, hang up."""
+        self.service.sessions.pop(self.session_id, None)
+        if running.end_reason is EndReason.INTERNAL_ERROR:
+            self.write_line(":Internal error; the test was stopped")
+        elif running.end_reason is EndReason.SHUTDOWN:
+            self.write_line(SHUTDOWN_MESSAGE)
+        self._close(abort=running.end_reason is EndReason.SLOW_CLIENT)
+
+    def _close(self, *, abort: bool = False) -> None:
+        if not abort:
             self.flush()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            if reason in (SLOW_CLIENT, "proxy"):
+            if abort:
                 transport.abort()
             else:
                 transport.close()
 
-    def _start_timer(self, delay: float, action: Callable[[str], None], reason: str) -> None:
+    def _start_timer(self, delay: float, action: Callable[..., None], reason: object) -> None:
         self._cancel_timer()
         self.timer = asyncio.get_running_loop().call_later(delay, action, reason)
 
@@ -334,54 +315,32 @@ class TelnetSession(asyncio.Protocol):
 
 
 class ReflectorService:
-    """Listeners, admission (access, session cap, rate limits) and graceful shutdown."""
+    """The telnet front door: listeners, one `TelnetSession` per caller, graceful shutdown."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        registry: CanaryRegistry | None = None,
-        metrics: Metrics | None = None,
-        on_result: ResultSink | None = None,
-    ) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.metrics = metrics or Metrics()
-        self.on_result = on_result
-        self.options = settings.test_options()
-        self.policy = AccessPolicy(allow=settings.allow, deny=settings.deny)
-        self.limiter = (
-            RateLimiter(
-                per_address_interval=settings.rate_address_interval,
-                per_prefix=settings.rate_prefix_tests,
-                prefix_window=settings.rate_prefix_window,
-                ipv4_prefix=settings.rate_ipv4_prefix,
-                ipv6_prefix=settings.rate_ipv6_prefix,
-                global_per_second=settings.rate_global,
-                global_burst=max(1, round(settings.rate_global)),
-            )
-            if settings.rate_limit
-            else None
-        )
-        self.trusted_proxies = tuple(parse_network(cidr) for cidr in settings.trusted_proxy)
+    def __init__(self, core: SessionCore) -> None:
+        self.core = core
+        self.settings = core.settings
+        self.metrics = core.metrics
         self.servers: list[asyncio.Server] = []
         self.sessions: dict[int, TelnetSession] = {}
-        self.tasks: set[asyncio.Task[Summary]] = set()
-        self._ids = itertools.count(1)
-        self._shutting_down = False
+        """Callers whose test is running."""
+
+    @property
+    def tasks(self) -> list[asyncio.Task[TestResult]]:
+        return [
+            session.running.task
+            for session in self.sessions.values()
+            if session.running is not None and session.running.task is not None
+        ]
 
     async def start(self) -> list[Endpoint]:
         """Listen on every configured endpoint; return the addresses actually bound."""
         loop = asyncio.get_running_loop()
         bound: list[Endpoint] = []
-
-        def new_session() -> TelnetSession:
-            return TelnetSession(self, next(self._ids))
-
         for endpoint in self.settings.listen:
             try:
                 server = await loop.create_server(
-                    new_session,
+                    lambda: TelnetSession(self),
                     endpoint.host,
                     endpoint.port,
                     backlog=LISTEN_BACKLOG,
@@ -396,97 +355,6 @@ class ReflectorService:
                 bound.append(Endpoint(host, port))
         return bound
 
-    def is_trusted_proxy(self, peer: str) -> bool:
-        address = ipaddress.ip_address(peer)
-        return any(address in network for network in self.trusted_proxies)
-
-    def admit(self, caller: str) -> Refusal | None:
-        """Whether `caller` may test now; a rate limit is only charged when the answer is yes."""
-        address = ipaddress.ip_address(caller)
-        if not self.policy.permits(address):
-            return ACCESS_REFUSAL
-        if self._shutting_down or len(self.sessions) >= self.settings.max_sessions:
-            return BUSY
-        if self.limiter is not None:
-            decision = self.limiter.check(address)
-            if not decision.allowed:
-                return rate_refusal(decision)
-        return None
-
-    def start_session(self, session: TelnetSession, target: str) -> asyncio.Task[Summary]:
-        """Run the test of `target` for `session`.
-
-        The session is counted from here to the task's done-callback, never from inside the
-        task: a caller who hangs up at once gets the task cancelled before its first step, and
-        a `finally` in it would never run.
-        """
-        self.sessions[session.session_id] = session
-        self.metrics.session_opened()
-        self.metrics.test_started()
-        session.log.info("session_start", target=target)
-        task = asyncio.create_task(self._run_test(session, target))
-        self.tasks.add(task)
-        task.add_done_callback(
-            functools.partial(self._session_done, session, target, time.monotonic())
-        )
-        return task
-
-    async def _run_test(self, session: TelnetSession, target: str) -> Summary:
-        for line in self.settings.motd.splitlines():
-            session.write_line(line)
-        return await run_relay_test(
-            target,
-            self.options,
-            session.emit,
-            registry=self.registry,
-            checkpoint=session.caller_present,
-        )
-
-    def _session_done(
-        self, session: TelnetSession, target: str, started: float, task: asyncio.Task[Summary]
-    ) -> None:
-        self.tasks.discard(task)
-        del self.sessions[session.session_id]
-        self.metrics.session_closed()
-        summary: Summary | None = None
-        if task.cancelled():
-            if not session.heard_server and self.limiter is not None:
-                self.limiter.refund_global()
-        elif (error := task.exception()) is not None:
-            session.end_reason = "internal error"
-            session.log.error("session_failed", target=target, exc_info=error)
-            session.write_line(":Internal error; the test was stopped")
-        else:
-            summary = task.result()
-        reason = session.end_reason or "finished"
-        session.end(reason)
-        if reason == SLOW_CLIENT:
-            self.metrics.refused("slow_client")
-        duration = time.monotonic() - started
-        if summary is None:
-            session.log.info(
-                "session_end", target=target, reason=reason, duration_s=round(duration, 3)
-            )
-            return
-        result = json_result(summary, session.transcript.lines)
-        self.metrics.test_finished(
-            summary.verdict, duration, [probe.outcome for probe in summary.probes]
-        )
-        counts = {
-            key: result[key] for key in ("accepted", "relayed", "deferred", "rejected", "errors")
-        }
-        session.log.info(
-            "session_end",
-            target=target,
-            reason="finished",
-            verdict=summary.verdict,
-            banner=summary.banner,
-            duration_s=round(duration, 3),
-            **counts,
-        )
-        if self.on_result is not None:
-            self.on_result(result)
-
     async def close_listeners(self) -> None:
         for server in self.servers:
             server.close()
@@ -496,14 +364,11 @@ class ReflectorService:
 
     async def shutdown(self, *, grace: float = 3.0) -> None:
         """Stop accepting, tell running callers, QUIT their SMTP sessions and wait a little."""
-        self._shutting_down = True
         for server in self.servers:
             server.close()
-        for session in list(self.sessions.values()):
-            session.write_line(SHUTDOWN_MESSAGE)
-            session.end("service shutting down")
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=grace)
+        tasks = self.core.stop_all(EndReason.SHUTDOWN)
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
         await self.close_listeners()
 
 

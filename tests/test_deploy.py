@@ -501,7 +501,8 @@ def test_dockerfile_ports_volume_and_healthcheck_match_compose() -> None:
     assert settings.sink_listen is not None
     assert settings.http_listen is not None
     listen_ports = {endpoint.port for endpoint in settings.listen}
-    served = listen_ports | {settings.sink_listen.port, settings.http_listen.port}
+    web_ports = {endpoint.port for endpoint in settings.web_listen}
+    served = listen_ports | web_ports | {settings.sink_listen.port, settings.http_listen.port}
     assert dockerfile_exposed() == served
     assert min(served) >= 1024  # no capability needed in the container
     published = {}
@@ -511,6 +512,7 @@ def test_dockerfile_ports_volume_and_healthcheck_match_compose() -> None:
     assert set(published.values()) == served
     assert published[23] in listen_ports
     assert published[25] == settings.sink_listen.port
+    assert published[80] in web_ports
     assert healthcheck_url() == f"http://127.0.0.1:{settings.http_listen.port}/healthz"
     assert dockerfile_values("VOLUME") == [json.dumps([settings.state_dir])]
 
@@ -561,7 +563,7 @@ def test_haproxy_config_is_valid() -> None:
     assert "[WARNING]" not in output, output
 
 
-def test_haproxy_sends_proxy_protocol_to_telnet_only() -> None:
+def test_haproxy_sends_proxy_protocol_to_telnet_and_web_only() -> None:
     sections = haproxy_sections()
     assert "mode tcp" in sections["defaults"]
 
@@ -574,6 +576,7 @@ def test_haproxy_sends_proxy_protocol_to_telnet_only() -> None:
     sink_servers = servers_behind(25)
     assert telnet_servers
     assert all("send-proxy-v2" in server.split() for server in telnet_servers)
+    assert all("send-proxy-v2" in server.split() for server in servers_behind(80))
     assert sink_servers
     assert not any("send-proxy" in server for server in sink_servers)
     http_port = load_file(EXAMPLE_CONFIG).http_listen
@@ -632,6 +635,7 @@ def test_kubernetes_deployment_matches_its_config(tmp_path: Path) -> None:
     assert {endpoint.port for endpoint in settings.listen} == {ports["telnet"]}
     assert ports["sink"] == settings.sink_listen.port
     assert ports["http"] == settings.http_listen.port
+    assert {endpoint.port for endpoint in settings.web_listen} == {ports["web"]}
     assert set(ports.values()) == dockerfile_exposed()
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -656,7 +660,7 @@ def test_kubernetes_service_keeps_the_caller_address() -> None:
     assert public["spec"]["type"] == "LoadBalancer"
     assert public["spec"]["externalTrafficPolicy"] == "Local"
     targets = {port["port"]: port["targetPort"] for port in public["spec"]["ports"]}
-    assert targets == {23: "telnet", 25: "sink"}
+    assert targets == {23: "telnet", 80: "web", 25: "sink"}
     assert metrics["spec"]["type"] == "ClusterIP"
     assert [port["targetPort"] for port in metrics["spec"]["ports"]] == ["http"]
     for service in (public, metrics):

@@ -106,7 +106,7 @@ def probes_received(server: FakeMailServer) -> int:
 
 
 def suite_size(app: Application) -> int:
-    return len(app.reflector.options.suite)
+    return len(app.core.options.suite)
 
 
 def exposition(app: Application) -> str:
@@ -347,16 +347,35 @@ async def test_history_filters_by_address(history_dir: Path) -> None:
     assert listed_targets(listing.stdout) == [FIRST]
 
 
-async def test_history_shows_the_stored_transcript(history_dir: Path) -> None:
+@pytest.mark.parametrize("named_by", ["row number", "public ID"])
+async def test_history_shows_the_stored_transcript(history_dir: Path, named_by: str) -> None:
     with HistoryStore(history_dir) as store:
         (entry,) = store.recent(address=FIRST)
-    shown = await relayprobe("history", "--show", str(entry.id), "--state-dir", str(history_dir))
+    name = str(entry.id) if named_by == "row number" else entry.public_id
+    shown = await relayprobe("history", "--show", name, "--state-dir", str(history_dir))
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0].startswith(f"Test #{entry.id} of {FIRST} (")
+    assert lines[1] == f"Public ID: {entry.public_id}"
     assert f"Connecting to {FIRST} ..." in lines
     assert "<<< 554 5.7.1 Relay access denied" in lines
     assert VERDICT_LINE in lines
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("99", "99"),
+        ("9" * 30, "9" * 30),
+        ("kG2uNb8yq0pBkV3aS1-_xA", "kG2uNb8yq0pBkV3aS1-_xA"),
+        ("not-an-id\x1b[2J", "not-an-id\\x1b[2J"),
+    ],
+)
+async def test_history_show_of_an_unknown_result_says_so_in_one_line(
+    history_dir: Path, name: str, said: str
+) -> None:
+    shown = await relayprobe("history", "--show", name, "--state-dir", str(history_dir))
+    assert one_line_of_error(shown) == f"relayprobe history: no result with ID {said}"
 
 
 async def test_history_json_parses(history_dir: Path) -> None:

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,7 @@ from relayprobe.events import Event, Outcome, Relayed
 from relayprobe.render import Transcript
 from tests.conftest import skip_or_fail
 from tests.infra import postfix
+from tests.infra.haproxy import free_port
 from tests.test_cli import check
 
 pytestmark = pytest.mark.usefixtures("postfix_instances")
@@ -168,6 +170,66 @@ async def test_real_telnet_client_sees_the_live_transcript(source: str, verdict_
     assert f"Connecting to {source} ..." in lines
     assert sum(line.startswith(":Relay test: #") for line in lines) == 20
     assert any(line.startswith(verdict_line) for line in lines), lines[-8:]
+
+
+@pytest.mark.parametrize(
+    ("source", "verdict"),
+    [(postfix.CLOSED_HOST, "rejected"), (postfix.OPEN_HOST, "relayed")],
+    ids=["closed", "open"],
+)
+async def test_curl_streams_the_transcript_and_its_link_opens_the_result(
+    source: str, verdict: str, tmp_path: Path
+) -> None:
+    if shutil.which("curl") is None:
+        skip_or_fail("curl is not installed")
+    web = Endpoint("127.0.0.1", free_port("127.0.0.1"))
+    settings = dataclasses.replace(
+        SETTINGS,
+        listen=(Endpoint("127.0.0.1", 0),),
+        web_listen=(web,),
+        public_url=f"http://{web}",
+        confirm=True,
+        sink_listen=SINK,
+        confirm_wait=20.0,
+        history=True,
+        state_dir=str(tmp_path),
+    )
+    app = Application(settings)
+    await app.start()
+    try:
+        curl = await asyncio.create_subprocess_exec(
+            *("curl", "-sN", "--interface", source, f"http://{web}/"),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert curl.stdout is not None
+        async with asyncio.timeout(60):
+            first = await curl.stdout.readline()
+            # Streamed: the first line is here long before the test ends.
+            assert first == f"Connecting to {source} ...\n".encode()
+            assert app.core.running
+            output = first + await curl.stdout.read()
+            await curl.wait()
+        lines = output.decode().splitlines()
+        link = lines[-1].removeprefix("Full result: ")
+        assert link.startswith(f"http://{web}/results/")
+        assert sum(line.startswith(":Relay test: #") for line in lines) == 20
+        # The history is written on its own thread: the link works once it has been.
+        async with asyncio.timeout(20):
+            while True:
+                fetch = await asyncio.create_subprocess_exec(
+                    "curl", "-sf", f"{link}.json", stdout=asyncio.subprocess.PIPE
+                )
+                document, _ = await fetch.communicate()
+                if fetch.returncode == 0:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await app.shutdown()
+    result = json.loads(document)
+    assert result["verdict"] == verdict
+    assert result["target"] == source
+    assert result["transcript"] == lines
+    assert result["id"] == link.rpartition("/")[2]
 
 
 # STARTTLS against Postfix that requires it (127.0.0.4) and one that only offers it (127.0.0.5)

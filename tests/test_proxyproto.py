@@ -16,6 +16,7 @@ from relayprobe.proxyproto import (
     ProxyHeaderParser,
     encode_v1,
     encode_v2,
+    read_proxy_header,
 )
 
 SIG = bytes.fromhex("0d0a0d0a000d0a515549540a")
@@ -393,3 +394,21 @@ def test_arbitrary_bytes_never_raise_anything_else(data: bytes, cuts: list[int])
             return
         assert parser.buffered == fed
         assert parser.buffered <= parser.max_buffered
+
+
+def test_read_proxy_header_says_what_a_front_door_does_next() -> None:
+    parser = ProxyHeaderParser()
+    header = encode_v1(("::ffff:192.0.2.7", 4000), ("::ffff:192.0.2.1", 23))
+    waiting = read_proxy_header(parser, header[:10])
+    assert not waiting.complete
+    read = read_proxy_header(parser, header[10:] + b"GET /")
+    assert (read.complete, str(read.source), read.rest, read.error) == (
+        True,
+        "192.0.2.7",
+        b"GET /",
+        None,
+    )
+    local = read_proxy_header(ProxyHeaderParser(), encode_v1(None, None))
+    assert (local.complete, local.source, local.error) == (True, None, None)
+    bad = read_proxy_header(ProxyHeaderParser(), b"HELO there\r\n")
+    assert bad.complete and bad.error is not None

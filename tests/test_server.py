@@ -19,15 +19,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from relayprobe.access import peer_address
 from relayprobe.canary import InMemoryRegistry
 from relayprobe.config import Endpoint, Settings
+from relayprobe.core import BUSY, SessionCore
 from relayprobe.fakemx import FakeMailServer, SessionState, relays_everything, relays_nothing
 from relayprobe.server import (
-    BUSY,
     CALLER_SEND_BUFFER,
     ReflectorService,
     TelnetSession,
-    target_address,
 )
 from relayprobe.telnet import DO, IAC, IP, NO_OPERATION, TIMING_MARK
 
@@ -55,7 +55,7 @@ async def service() -> AsyncIterator[Service]:
             **changes,
         }
         settings = dataclasses.replace(Settings(), target_port=target_port, **changes)  # type: ignore[arg-type]
-        service = ReflectorService(settings, registry=registry)
+        service = ReflectorService(SessionCore(settings, registry=registry))
         (endpoint, *_) = await service.start()
         started.append(service)
         return service, endpoint
@@ -75,9 +75,9 @@ async def call(endpoint: Endpoint, *, source: str = "127.0.0.1") -> list[str]:
 
 
 def test_ipv4_mapped_peer_is_tested_as_ipv4() -> None:
-    assert target_address("::ffff:192.0.2.4") == "192.0.2.4"
-    assert target_address("2001:db8::4") == "2001:db8::4"
-    assert target_address("192.0.2.4") == "192.0.2.4"
+    assert str(peer_address("::ffff:192.0.2.4")) == "192.0.2.4"
+    assert str(peer_address("2001:db8::4")) == "2001:db8::4"
+    assert str(peer_address("192.0.2.4")) == "192.0.2.4"
 
 
 async def test_caller_gets_the_full_transcript_of_their_own_address(
@@ -345,9 +345,7 @@ async def test_ipv4_mapped_caller_is_tested_at_its_ipv4_address(service: Service
         sock.close()
         await mail.stop()
         pytest.skip("no dual-stack sockets here")
-    listener = await asyncio.get_running_loop().create_server(
-        lambda: TelnetSession(svc, 99), sock=sock
-    )
+    listener = await asyncio.get_running_loop().create_server(lambda: TelnetSession(svc), sock=sock)
     try:
         lines = await call(Endpoint("127.0.0.1", sock.getsockname()[1]), source="127.0.0.6")
     finally:
@@ -407,7 +405,7 @@ async def test_caller_gone_before_its_test_started_frees_its_slot(
     mail = FakeMailServer()
     svc, endpoint = await service(await start_server(mail), max_sessions=3)
     for number in range(10):
-        session = TelnetSession(svc, 1000 + number)
+        session = TelnetSession(svc)
         session.connection_made(_FakeTransport(("127.0.0.9", 40000 + number)))
         if hang_up == "interrupt":
             session.data_received(bytes([IAC, IP]))
@@ -610,7 +608,7 @@ async def test_callers_that_leave_at_once_do_not_use_up_the_global_rate(
         await start_server(FakeMailServer()), rate_limit=True, rate_global=0.1
     )
     for number in range(5):
-        session = TelnetSession(svc, 2000 + number)
+        session = TelnetSession(svc)
         session.connection_made(_FakeTransport((f"127.0.{100 + number}.1", 40000)))
         session.connection_lost(None)
     await asyncio.sleep(0.05)

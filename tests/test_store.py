@@ -1,40 +1,39 @@
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import base64
+import dataclasses
 import datetime
 import json
-import os
+import pickle
 import sqlite3
 import stat
+import string
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from relayprobe.events import Outcome, ProbeFinished, Summary
 from relayprobe.render import json_result
+from relayprobe.result import RESULT_ID_BYTES, TestResult, new_result_id
 from relayprobe.store import (
     DATABASE_NAME,
+    MIGRATIONS,
     SCHEMA_VERSION,
     HistoryEntry,
     HistorySchemaError,
     HistoryStore,
-    HistoryWriter,
-    format_entry,
-    format_table,
 )
 
 NOW = datetime.datetime(2026, 11, 29, 18, 0, tzinfo=datetime.UTC)
 DEADLINE_S = 10.0
-NOBODY = 65534
+URL_SAFE = frozenset(string.ascii_letters + string.digits + "-_")
 
 
 def make_result(
@@ -44,23 +43,36 @@ def make_result(
     verdict: str = "rejected",
     accepted: int = 0,
     transcript_lines: int = 3,
-) -> dict[str, Any]:
-    return {
-        "target": target,
-        "host": "mail.example.com",
-        "banner": "220 mail.example.com ESMTP",
-        "started_at": started_at.isoformat(),
-        "duration_s": 0.4,
-        "verdict": verdict,
-        "accepted": accepted,
-        "relayed": 0,
-        "deferred": 20 - accepted,
-        "rejected": 0,
-        "errors": 0,
-        "summary": ["No relays accepted."],
-        "probes": [],
-        "transcript": [f"<<< 250 line {number}" for number in range(transcript_lines)],
-    }
+    result_id: str | None = None,
+) -> TestResult:
+    """A test of 20 probes: `accepted` of them accepted, the rest deferred."""
+    probes = tuple(
+        ProbeFinished(
+            str(number),
+            "<a@example.org>",
+            "<b@example.net>",
+            Outcome.ACCEPTED if number < accepted else Outcome.DEFERRED,
+            "250 2.1.5 ok" if number < accepted else "450 4.7.1 try later",
+        )
+        for number in range(20)
+    )
+    summary = Summary(
+        target=target,
+        host="mail.example.com",
+        banner="220 mail.example.com ESMTP",
+        verdict=verdict,
+        lines=("No relays accepted.",),
+        probes=probes,
+        started_at=started_at.timestamp(),
+        duration_s=0.4,
+    )
+    transcript = tuple(f"<<< 250 line {number}" for number in range(transcript_lines))
+    return TestResult(summary=summary, transcript=transcript, result_id=result_id)
+
+
+def changed(result: TestResult, **changes: Any) -> TestResult:
+    """`result` with fields of its summary changed."""
+    return dataclasses.replace(result, summary=dataclasses.replace(result.summary, **changes))
 
 
 @pytest.fixture
@@ -69,17 +81,16 @@ def store(tmp_path: Path) -> Iterator[HistoryStore]:
         yield opened
 
 
-def wait_until(condition: Any, *, timeout_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+def saved_entry(store: HistoryStore, result: TestResult) -> HistoryEntry:
+    entry = store.get(store.save(result))
+    assert entry is not None
+    return entry
 
 
 # HistoryStore
 
 
-def test_round_trip_of_a_rendered_result(store: HistoryStore) -> None:
+def test_round_trip_of_a_result(store: HistoryStore) -> None:
     probe = ProbeFinished("1", "<a@example.org>", "<b@example.net>", Outcome.ACCEPTED, "250 ok")
     summary = Summary(
         target="192.0.2.4",
@@ -91,11 +102,14 @@ def test_round_trip_of_a_rendered_result(store: HistoryStore) -> None:
         started_at=NOW.timestamp(),
         duration_s=1.25,
     )
-    result = json_result(summary, ["Connecting to 192.0.2.4 ...", "<<< 220 hello"])
+    transcript = ("Connecting to 192.0.2.4 ...", "<<< 220 hello")
+    result = TestResult(summary=summary, transcript=transcript, result_id=new_result_id())
 
     entry_id = store.save(result)
 
-    expected = HistoryEntry(entry_id, NOW, "192.0.2.4", "accepted", 1, 1.25, result)
+    expected = HistoryEntry(
+        entry_id, str(result.result_id), NOW, "192.0.2.4", "accepted", 1, 1.25, result.to_json()
+    )
     assert store.get(entry_id) == expected
     assert store.recent(limit=10) == [expected]
     assert store.get(entry_id + 1) is None
@@ -129,6 +143,13 @@ def test_recent_refuses_what_is_not_an_address(store: HistoryStore) -> None:
         store.recent(address="mail.example.com", limit=10)
 
 
+@pytest.mark.parametrize("entry_id", [0, -1, 2**63, 10**30])
+def test_get_of_a_row_number_no_row_can_have_is_none(store: HistoryStore, entry_id: int) -> None:
+    store.save(make_result())
+
+    assert store.get(entry_id) is None
+
+
 def test_results_survive_close_and_reopen(tmp_path: Path) -> None:
     with HistoryStore(tmp_path) as first:
         entry_id = first.save(make_result(verdict="relayed", accepted=2))
@@ -141,16 +162,12 @@ def test_results_survive_close_and_reopen(tmp_path: Path) -> None:
 
 def test_prune_removes_what_is_older_than_the_retention(store: HistoryStore) -> None:
     old = store.save(make_result(started_at=NOW - datetime.timedelta(days=91)))
-    # 89 days and 23 hours before NOW, written with another UTC offset: must be kept.
-    offset = datetime.timezone(datetime.timedelta(hours=2))
-    kept_offset = store.save(
-        make_result(started_at=(NOW - datetime.timedelta(days=89, hours=23)).astimezone(offset))
-    )
+    kept_old = store.save(make_result(started_at=NOW - datetime.timedelta(days=89, hours=23)))
     kept_new = store.save(make_result(started_at=NOW))
 
     assert store.prune(older_than_days=90, now=NOW) == 1
     assert store.get(old) is None
-    assert [entry.id for entry in store.recent(limit=10)] == [kept_new, kept_offset]
+    assert [entry.id for entry in store.recent(limit=10)] == [kept_new, kept_old]
     assert store.prune(older_than_days=90, now=NOW) == 0
 
 
@@ -162,9 +179,12 @@ def test_ids_are_not_reused_after_a_prune(store: HistoryStore) -> None:
     assert store.save(make_result()) == newest + 1
 
 
-def test_prune_needs_an_aware_time(store: HistoryStore) -> None:
+def test_prune_and_lookup_need_an_aware_time(store: HistoryStore) -> None:
+    naive = datetime.datetime(2026, 1, 1)
     with pytest.raises(ValueError, match="time zone"):
-        store.prune(older_than_days=1, now=datetime.datetime(2026, 1, 1))
+        store.prune(older_than_days=1, now=naive)
+    with pytest.raises(ValueError, match="time zone"):
+        store.by_public_id(new_result_id(), now=naive, retention_days=1)
 
 
 def test_schema_version_wal_and_private_directory(tmp_path: Path) -> None:
@@ -180,6 +200,8 @@ def test_schema_version_wal_and_private_directory(tmp_path: Path) -> None:
         ]
         index_columns = connection.execute("PRAGMA index_info(results_target_id)").fetchall()
         assert [column[2] for column in index_columns] == ["target", "id"]
+        unique = {row[1]: row[2] for row in connection.execute("PRAGMA index_list(results)")}
+        assert unique["results_public_id"] == 1
     finally:
         connection.close()
 
@@ -195,292 +217,209 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
+    ("result", "message"),
     [
-        ("target", "mail.example.com", "does not appear to be"),
-        ("target", None, "target"),
-        ("verdict", 3, "verdict"),
-        ("accepted", True, "accepted"),
-        ("errors", -1, "errors"),
-        ("duration_s", "0.4", "duration_s"),
-        ("started_at", "yesterday", "isoformat"),
-        ("started_at", "2026-11-29T18:00:00", "time zone"),
-        ("summary", object(), "not JSON"),
-        ("duration_s", float("nan"), "not JSON"),
+        (make_result(target="mail.example.com"), "does not appear to be"),
+        (changed(make_result(), duration_s=float("nan")), "not JSON compliant"),
+        (changed(make_result(), started_at=float("nan")), "NaN"),
+        (make_result(result_id="12"), "was not made by new_result_id"),
+        (make_result(result_id=new_result_id()[:-1] + "B"), "was not made by new_result_id"),
     ],
 )
-def test_save_refuses_a_malformed_result(
-    store: HistoryStore, field: str, value: object, message: str
+def test_save_refuses_a_result_it_cannot_store(
+    store: HistoryStore, result: TestResult, message: str
 ) -> None:
-    result = make_result()
-    result[field] = value
-
     with pytest.raises(ValueError, match=message):
         store.save(result)
     assert store.recent(limit=10) == []
 
 
-# HistoryWriter
+# Public IDs
 
 
-@pytest.fixture(autouse=True)
-def no_writer_thread_left() -> Iterator[None]:
-    """An abandoned writer thread ends soon after its test, before it can log into the next."""
-    yield
-    wait_until(lambda: all(t.name != "relayprobe-history" for t in threading.enumerate()))
+def test_save_gives_every_result_a_public_id_of_its_own(store: HistoryStore) -> None:
+    for _ in range(20):
+        store.save(make_result())
+
+    entries = store.recent(limit=100)
+
+    assert len({entry.public_id for entry in entries}) == 20
+    for entry in entries:
+        assert len(entry.public_id) == 22
+        assert set(entry.public_id) <= URL_SAFE
+        assert entry.result["id"] == entry.public_id
 
 
-@pytest.fixture
-def logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    with capture_logs() as captured:
-        yield captured
+def test_save_stores_the_result_id_it_is_given(store: HistoryStore) -> None:
+    result = make_result(result_id=new_result_id())
+
+    entry = saved_entry(store, result)
+
+    assert entry.public_id == result.result_id
+    assert entry.result == result.to_json()
 
 
-def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
-    return [entry for entry in logs if entry["event"] == name]
+def test_a_public_id_is_stored_once(store: HistoryStore) -> None:
+    result = make_result(result_id=new_result_id())
+    store.save(result)
+
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        store.save(changed(result, target="192.0.2.5"))
+    assert [entry.target for entry in store.recent(limit=10)] == ["192.0.2.4"]
 
 
-def stored(state_dir: Path) -> list[HistoryEntry]:
-    with HistoryStore(state_dir) as store:
-        return store.recent(limit=1000)
+def test_by_public_id_finds_the_entry_and_only_it(store: HistoryStore) -> None:
+    entries = [saved_entry(store, make_result(accepted=number)) for number in range(3)]
 
-
-async def test_writer_saves_what_is_submitted(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]]
-) -> None:
-    writer = HistoryWriter(state_dir=tmp_path)
-    await writer.start()
-    for accepted in range(3):
-        writer.submit(make_result(accepted=accepted))
-    await writer.stop()
-
-    assert [entry.accepted for entry in stored(tmp_path)] == [2, 1, 0]
-    assert [entry["log_level"] for entry in logs] == ["debug"] * 3
-
-
-async def test_writer_drops_and_logs_when_the_queue_is_full(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]]
-) -> None:
-    writer = HistoryWriter(state_dir=tmp_path, queue_size=2)
-    for accepted in range(3):
-        writer.submit(make_result(accepted=accepted))
-    await writer.start()
-    await writer.stop()
-
-    assert [entry.accepted for entry in stored(tmp_path)] == [1, 0]
-    assert events(logs, "history.dropped") == [
-        {
-            "event": "history.dropped",
-            "log_level": "warning",
-            "reason": "queue full",
-            "target": "192.0.2.4",
-        }
-    ]
-
-
-async def test_writer_drops_and_logs_after_stop(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]]
-) -> None:
-    writer = HistoryWriter(state_dir=tmp_path)
-    await writer.start()
-    await writer.stop()
-    writer.submit(make_result())
-
-    assert stored(tmp_path) == []
-    assert [entry["reason"] for entry in events(logs, "history.dropped")] == ["writer stopped"]
-
-
-async def test_stop_without_start_logs_what_is_dropped(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]]
-) -> None:
-    writer = HistoryWriter(state_dir=tmp_path / "state")
-    writer.submit(make_result())
-    await writer.stop()
-
-    assert events(logs, "history.dropped") == [
-        {
-            "event": "history.dropped",
-            "log_level": "error",
-            "reason": "writer not started",
-            "count": 1,
-        }
-    ]
-    assert not (tmp_path / "state").exists()
-
-
-async def test_writer_logs_a_malformed_result_and_goes_on(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]]
-) -> None:
-    writer = HistoryWriter(state_dir=tmp_path)
-    await writer.start()
-    writer.submit(make_result(target="not an address"))
-    writer.submit(make_result())
-    await writer.stop()
-
-    assert len(stored(tmp_path)) == 1
-    [failure] = events(logs, "history.save_failed")
-    assert failure["target"] == "not an address"
-    assert "does not appear to be" in failure["error"]
-
-
-async def test_writer_prunes_at_start_and_then_periodically(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]]
-) -> None:
-    long_ago = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
-    with HistoryStore(tmp_path) as store:
-        store.save(make_result(started_at=long_ago))
-    writer = HistoryWriter(state_dir=tmp_path, retention_days=30, prune_interval_s=0.05)
-    await writer.start()
-    try:
-        await asyncio.to_thread(wait_until, lambda: len(events(logs, "history.pruned")) == 1)
-        writer.submit(make_result(started_at=long_ago))
-        writer.submit(make_result())
-        await asyncio.to_thread(wait_until, lambda: len(events(logs, "history.pruned")) == 2)
-    finally:
-        await writer.stop()
-
-    assert [entry.started_at for entry in stored(tmp_path)] == [
-        datetime.datetime.fromisoformat(make_result()["started_at"])
-    ]
-
-
-@pytest.fixture
-async def loop_lag() -> AsyncIterator[list[float]]:
-    """The worst lateness of a 1 ms ticker on the event loop while the test runs."""
-    worst = [0.0]
-
-    async def tick() -> None:
-        while True:
-            before = time.perf_counter()
-            await asyncio.sleep(0.001)
-            worst[0] = max(worst[0], time.perf_counter() - before - 0.001)
-
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0)
-    yield worst
-    ticker.cancel()
-
-
-async def test_locked_database_is_logged_without_blocking_the_loop(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]], loop_lag: list[float]
-) -> None:
-    HistoryStore(tmp_path).close()
-    locker = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    writer = HistoryWriter(state_dir=tmp_path, busy_timeout_s=0.2)
-    await writer.start()
-    try:
-        started = time.perf_counter()
-        for accepted in range(3):
-            writer.submit(make_result(accepted=accepted))
-        submitting_s = time.perf_counter() - started
-        await asyncio.to_thread(wait_until, lambda: len(events(logs, "history.save_failed")) == 3)
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
-    writer.submit(make_result(accepted=7))
-    await writer.stop()
-
-    assert submitting_s < 0.01
-    assert loop_lag[0] < 0.05
-    assert [entry.accepted for entry in stored(tmp_path)] == [7]
-    failures = events(logs, "history.save_failed")
-    assert {failure["error"] for failure in failures} == {"database is locked"}
-    assert {failure["log_level"] for failure in failures} == {"error"}
-    assert events(logs, "history.prune_failed")[0]["error"] == "database is locked"
-
-
-async def test_stop_gives_up_after_its_timeout(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]]
-) -> None:
-    HistoryStore(tmp_path).close()
-    locker = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    writer = HistoryWriter(state_dir=tmp_path, busy_timeout_s=0.2, stop_timeout_s=0.3)
-    try:
-        for _ in range(20):
-            writer.submit(make_result())
-        await writer.start()
-        started = time.perf_counter()
-        await writer.stop()
-        stopping_s = time.perf_counter() - started
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
-
-    assert stopping_s < 1.0
-    [timeout] = events(logs, "history.stop_timeout")
-    assert 0 < timeout["unsaved"] < 20
-
-
-@contextlib.contextmanager
-def unprivileged() -> Iterator[None]:
-    """Root writes anywhere: as root, act as `nobody` for a while (all threads, by glibc)."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(NOBODY)
-    os.seteuid(NOBODY)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
-
-@pytest.fixture
-def read_only_dir() -> Iterator[Path]:
-    # Not under tmp_path: its parents are private to root, and `nobody` must reach this one.
-    with tempfile.TemporaryDirectory() as name:
-        directory = Path(name)
-        directory.chmod(0o555)
-        try:
-            yield directory
-        finally:
-            directory.chmod(0o700)
+    for entry in entries:
+        assert store.by_public_id(entry.public_id, now=NOW, retention_days=90) == entry
+    assert store.by_public_id(new_result_id(), now=NOW, retention_days=90) is None
 
 
 @pytest.mark.parametrize(
-    ("subdirectory", "error"),
-    [("", "unable to open database file"), ("state", "Permission denied")],
+    ("age", "expired"),
+    [
+        (datetime.timedelta(days=89, hours=23), False),
+        (datetime.timedelta(days=90), False),
+        (datetime.timedelta(days=90, microseconds=1), True),
+        (datetime.timedelta(days=400), True),
+    ],
 )
-async def test_read_only_state_dir_fails_the_start(
-    read_only_dir: Path, subdirectory: str, error: str
+def test_an_expired_result_is_not_found_even_before_the_prune(
+    store: HistoryStore, age: datetime.timedelta, expired: bool
 ) -> None:
-    writer = HistoryWriter(state_dir=read_only_dir / subdirectory)
-    # Imports the executor's module now: `nobody` may not read the interpreter's files.
-    await asyncio.to_thread(int)
-    with unprivileged(), pytest.raises((sqlite3.Error, OSError), match=error):
-        await writer.start()
+    entry = saved_entry(store, make_result(started_at=NOW - age))
 
-    assert list(read_only_dir.iterdir()) == []
+    found = store.by_public_id(entry.public_id, now=NOW, retention_days=90)
 
-
-async def test_read_only_database_fails_the_start(read_only_dir: Path) -> None:
-    # Where the directory may be written but the database may not (restored from a backup as
-    # root, say), SQLite opens it read-only without a word: only a write tells.
-    read_only_dir.chmod(0o777)
-    HistoryStore(read_only_dir).close()
-    (read_only_dir / DATABASE_NAME).chmod(0o444)
-    writer = HistoryWriter(state_dir=read_only_dir)
-    await asyncio.to_thread(int)
-    with unprivileged(), pytest.raises(sqlite3.OperationalError, match="readonly database"):
-        await writer.start()
+    assert found == (None if expired else entry)
+    assert store.get(entry.id) == entry
+    # The prune removes just what the lookup no longer finds.
+    assert store.prune(older_than_days=90, now=NOW) == int(expired)
 
 
-async def test_state_dir_under_a_file_fails_the_start_even_for_root(tmp_path: Path) -> None:
-    (tmp_path / "file").write_text("")
-    writer = HistoryWriter(state_dir=tmp_path / "file" / "state")
-    with pytest.raises(NotADirectoryError):
-        await writer.start()
+@pytest.fixture(scope="module")
+def closed_store(tmp_path_factory: pytest.TempPathFactory) -> HistoryStore:
+    """A store whose connection is closed: any SQL it runs raises ProgrammingError."""
+    closed = HistoryStore(tmp_path_factory.mktemp("closed"))
+    closed.close()
+    return closed
 
+
+def made_by_new_result_id(text: str) -> bool:
+    """Whether `text` is 16 bytes in unpadded URL-safe base64, in the one way it encodes them."""
+    if len(text) != 22 or not set(text) <= URL_SAFE:
+        return False
+    decoded = base64.urlsafe_b64decode(text + "==")
+    return len(decoded) == RESULT_ID_BYTES and base64.urlsafe_b64encode(decoded) == (
+        text.encode() + b"=="
+    )
+
+
+def url_safe_base64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.text(alphabet=sorted(URL_SAFE), min_size=20, max_size=24),
+        st.binary(min_size=RESULT_ID_BYTES, max_size=RESULT_ID_BYTES).map(url_safe_base64),
+        st.binary(max_size=32).map(url_safe_base64),
+    )
+)
+@example(new_result_id())
+@example("")
+@example("1" * 22)  # all digits: a row number, never a public ID
+@example(new_result_id()[:-1] + "B")  # the last character holds 2 bits: A, Q, g or w
+@example(new_result_id() + "\n")
+@example(new_result_id() + "A")
+@example(new_result_id()[1:])
+@example("+/+/+/+/+/+/+/+/+/+/+A")  # standard base64, not URL-safe
+@example("AAAAAAAAAAAAAAAAAAAAAA==")
+@example("' OR 1=1 --           A")
+@example("\uff41" * 21 + "A")  # fullwidth letters: alphanumeric, but not ASCII
+def test_only_well_formed_public_ids_reach_sql(closed_store: HistoryStore, text: str) -> None:
+    if made_by_new_result_id(text):
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            closed_store.by_public_id(text, now=NOW, retention_days=90)
+    else:
+        assert closed_store.by_public_id(text, now=NOW, retention_days=90) is None
+
+
+# Migrations
+
+
+def version_1_database(state_dir: Path, documents: list[str]) -> None:
+    """A history made by relayprobe before public IDs, holding a row for each of `documents`."""
+    state_dir.mkdir(exist_ok=True)
+    connection = sqlite3.connect(state_dir / DATABASE_NAME, isolation_level=None)
+    try:
+        # Version 1 is the first migration step, which never changes once shipped.
+        connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        connection.execute("INSERT INTO schema_version (version) VALUES (1)")
+        MIGRATIONS[0](connection)
+        connection.executemany(
+            "INSERT INTO results (started_at, target, verdict, accepted, relayed, deferred,"
+            " rejected, errors, duration_s, result)"
+            " VALUES ('2026-11-29T18:00:00.000000+00:00', '192.0.2.4', 'rejected', 0, 0, 20,"
+            " 0, 0, 0.4, ?)",
+            [(document,) for document in documents],
+        )
+    finally:
+        connection.close()
+
+
+def version_1_document(result: TestResult) -> str:
+    # What version 1 stored: the JSON result, without an id.
+    return json.dumps(json_result(result.summary, result.transcript))
+
+
+def test_a_version_1_database_gets_a_public_id_for_each_result(tmp_path: Path) -> None:
+    documents = [version_1_document(make_result(accepted=number)) for number in range(3)]
+    version_1_database(tmp_path, documents)
+
+    with HistoryStore(tmp_path) as store:
+        entries = store.recent(limit=10)
+        found = [
+            store.by_public_id(entry.public_id, now=NOW, retention_days=90) for entry in entries
+        ]
+        next_id = store.save(make_result())
+
+    assert [entry.id for entry in entries] == [3, 2, 1]
+    assert found == entries
+    assert len({entry.public_id for entry in entries}) == 3
+    for entry, document in zip(entries, reversed(documents), strict=True):
+        assert made_by_new_result_id(entry.public_id)
+        assert entry.result == {**json.loads(document), "id": entry.public_id}
+    assert next_id == 4
+
+
+def test_a_version_1_row_that_is_not_json_is_migrated_as_it_is(tmp_path: Path) -> None:
+    version_1_database(tmp_path, ["not JSON", version_1_document(make_result())])
+
+    HistoryStore(tmp_path).close()
+
+    connection = sqlite3.connect(tmp_path / DATABASE_NAME)
+    try:
+        rows = connection.execute("SELECT public_id, result FROM results ORDER BY id").fetchall()
+        version = connection.execute("SELECT version FROM schema_version").fetchone()
+    finally:
+        connection.close()
+    assert version == (SCHEMA_VERSION,)
+    assert [made_by_new_result_id(public_id) for public_id, _ in rows] == [True, True]
+    assert rows[0][1] == "not JSON"
+    assert json.loads(rows[1][1])["id"] == rows[1][0]
+
+
+# Durability
 
 LOOPING_WRITER = """
-import json, sys, time
+import pickle, sys, time
 from relayprobe.store import HistoryStore
 
 store = HistoryStore(sys.argv[1])
-result = json.loads(sys.argv[2])
+result = pickle.loads(bytes.fromhex(sys.argv[2]))
 deadline = time.monotonic() + 10
 for count in range(50_000):
     if time.monotonic() > deadline:
@@ -492,11 +431,12 @@ for count in range(50_000):
 
 
 def test_sigkill_while_writing_leaves_a_readable_database(tmp_path: Path) -> None:
-    result = json.dumps(make_result(transcript_lines=40))
+    # Without a result_id, each save gets a public ID of its own.
+    result = make_result(transcript_lines=40)
     at_least = 0
     for kill_after_s in (0.0, 0.02, 0.1):
         writer = subprocess.Popen(
-            [sys.executable, "-c", LOOPING_WRITER, str(tmp_path), result],
+            [sys.executable, "-c", LOOPING_WRITER, str(tmp_path), pickle.dumps(result).hex()],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -514,67 +454,10 @@ def test_sigkill_while_writing_leaves_a_readable_database(tmp_path: Path) -> Non
         with HistoryStore(tmp_path) as store:
             entries = store.recent(limit=at_least)
             assert len(entries) == at_least
-            assert entries[0].result == json.loads(result)
+            assert entries[0].result == {**result.to_json(), "id": entries[0].public_id}
         connection = sqlite3.connect(tmp_path / DATABASE_NAME)
         try:
             assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             at_least = connection.execute("SELECT count(*) FROM results").fetchone()[0]
         finally:
             connection.close()
-
-
-# Formatting
-
-
-def make_entry(entry_id: int, **changes: Any) -> HistoryEntry:
-    result = make_result(**changes)
-    return HistoryEntry(
-        id=entry_id,
-        started_at=datetime.datetime.fromisoformat(result["started_at"]),
-        target=result["target"],
-        verdict=result["verdict"],
-        accepted=result["accepted"],
-        duration_s=result["duration_s"],
-        result=result,
-    )
-
-
-def test_format_table_aligns_columns() -> None:
-    entries = [
-        make_entry(12, target="2001:db8::4", verdict="accepted", accepted=12),
-        make_entry(9, started_at=NOW - datetime.timedelta(days=1, seconds=1)),
-    ]
-
-    assert format_table(entries) == [
-        "ID  STARTED (UTC)        TARGET       VERDICT   ACCEPTED  DURATION",
-        "12  2026-11-29 18:00:00  2001:db8::4  accepted        12     0.4 s",
-        " 9  2026-11-28 17:59:59  192.0.2.4    rejected         0     0.4 s",
-    ]
-    assert format_table([]) == [
-        "ID  STARTED (UTC)  TARGET  VERDICT  ACCEPTED  DURATION",
-    ]
-
-
-def test_format_entry_shows_a_header_then_the_transcript() -> None:
-    shown = make_entry(3, transcript_lines=2)
-
-    assert format_entry(shown) == [
-        "Test #3 of 192.0.2.4 (mail.example.com)",
-        "Started:  2026-11-29 18:00:00 UTC, took 0.4 s",
-        "Banner:   220 mail.example.com ESMTP",
-        "Verdict:  rejected (0 accepted, 0 relayed, 20 deferred, 0 rejected, 0 errors)",
-        "",
-        "<<< 250 line 0",
-        "<<< 250 line 1",
-    ]
-
-
-def test_format_entry_escapes_what_a_terminal_would_act_on() -> None:
-    shown = make_entry(3)
-    shown.result["banner"] = "220 \x1b]0;owned\x07"
-    shown.result["transcript"] = ["<<< 250 \x1b[2J"]
-
-    lines = format_entry(shown)
-
-    assert lines[2] == "Banner:   220 \\x1b]0;owned\\x07"
-    assert lines[-1] == "<<< 250 \\x1b[2J"
