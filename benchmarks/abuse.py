@@ -75,8 +75,8 @@ from benchmarks.load import (
     service_environment,
     wait_until_listening,
 )
-from relayprobe import runtime
 from relayprobe.fakemx import FakeMailServer, SessionState, relays_everything, relays_nothing
+from relayprobe.operations import runtime
 
 T = TypeVar("T")
 

@@ -45,9 +45,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from relayprobe import runtime
-from relayprobe.core import BUSY
 from relayprobe.fakemx import FakeMailServer, relays_nothing
+from relayprobe.frontdoors.core import BUSY
+from relayprobe.operations import runtime
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FAKE_COMMAND = "fake"

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import structlog
 
-from relayprobe.canary import InMemoryRegistry, new_token
-from relayprobe.sink import CanarySink
-from relayprobe.sinklimits import SinkLimits
+from relayprobe.confirmation.canary import InMemoryRegistry, new_token
+from relayprobe.confirmation.sink import CanarySink
+from relayprobe.confirmation.sinklimits import SinkLimits
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DOMAIN = "relaytest.example"

@@ -13,16 +13,16 @@ from collections.abc import AsyncIterator, Callable
 
 import structlog
 
-from relayprobe.canary import InMemoryRegistry
-from relayprobe.config import Endpoint, Settings
-from relayprobe.core import SessionCore
-from relayprobe.historywriter import HistoryWriter
-from relayprobe.metrics import Metrics
-from relayprobe.opshttp import OperatorHTTP
-from relayprobe.server import ReflectorService, StartupError, bind_advice
-from relayprobe.sink import CanarySink
-from relayprobe.sinktls import SinkTLSError, sink_tls_context
-from relayprobe.web import StoredResults, WebFrontDoor
+from relayprobe.confirmation.canary import InMemoryRegistry
+from relayprobe.confirmation.sink import CanarySink
+from relayprobe.confirmation.sinktls import SinkTLSError, sink_tls_context
+from relayprobe.frontdoors.core import SessionCore
+from relayprobe.frontdoors.telnet import ReflectorService, StartupError, bind_advice
+from relayprobe.frontdoors.web import StoredResults, WebFrontDoor
+from relayprobe.operations.config import Endpoint, Settings
+from relayprobe.operations.metrics import Metrics
+from relayprobe.operations.opshttp import OperatorHTTP
+from relayprobe.storage.historywriter import HistoryWriter
 
 log = structlog.get_logger("relayprobe")
 

@@ -21,17 +21,18 @@ from typing import Any, NoReturn
 
 import structlog
 
-from relayprobe import __version__, runtime
+from relayprobe import __version__
 from relayprobe.app import Application, canary_sink, new_registry, sink_tls
-from relayprobe.config import ConfigError, Settings, add_options, load_settings
-from relayprobe.core import SessionCore
 from relayprobe.demo import run_demo
-from relayprobe.events import Event
-from relayprobe.historyformat import format_entry, format_table
-from relayprobe.logging import configure_logging
-from relayprobe.sanitize import sanitize_text
-from relayprobe.server import StartupError
-from relayprobe.store import DATABASE_NAME, HistoryStore
+from relayprobe.frontdoors.core import SessionCore
+from relayprobe.frontdoors.telnet import StartupError
+from relayprobe.operations import runtime
+from relayprobe.operations.config import ConfigError, Settings, add_options, load_settings
+from relayprobe.operations.logsetup import configure_logging
+from relayprobe.relaytest.events import Event
+from relayprobe.relaytest.sanitize import sanitize_text
+from relayprobe.reports.historyformat import format_entry, format_table
+from relayprobe.storage.store import DATABASE_NAME, HistoryStore
 
 # An accepted probe is not an open relay until a test message arrives: "accepted" has a status
 # of its own, so that a script never calls an unproven server open (the qmail case).

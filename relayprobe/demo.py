@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from relayprobe.app import canary_sink, new_registry
-from relayprobe.config import Endpoint, Settings
-from relayprobe.core import SessionCore
 from relayprobe.fakemx import FakeMailServer, relays_everything, relays_like_qmail, relays_nothing
-from relayprobe.server import ReflectorService
+from relayprobe.frontdoors.core import SessionCore
+from relayprobe.frontdoors.telnet import ReflectorService
+from relayprobe.operations.config import Endpoint, Settings
 
 # Each server's description is the subject of the caption "<description> listens on ADDR:PORT."
 CALLERS: tuple[tuple[str, str, dict[str, Any]], ...] = (

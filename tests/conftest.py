@@ -8,6 +8,7 @@ import pytest
 
 from relayprobe.fakemx import FakeMailServer
 from tests.infra import postfix
+from tests.infra.browser import Browser, chromium_available, headless_chromium
 
 StartServer = Callable[[FakeMailServer], Coroutine[Any, Any, int]]
 
@@ -30,6 +31,16 @@ def postfix_instances() -> Iterator[None]:
     yield
     if not already_running:
         postfix.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Headless Debian Chromium, fenced to loopback (tests/infra/browser.py)."""
+    reason = chromium_available()
+    if reason is not None:
+        skip_or_fail(reason)
+    with headless_chromium() as started:
+        yield started
 
 
 @pytest.fixture

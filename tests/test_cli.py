@@ -12,9 +12,8 @@ import sys
 
 from relayprobe.cli import EXIT_BY_VERDICT
 from relayprobe.fakemx import FakeMailServer, relays_everything, relays_like_qmail, relays_nothing
-
-from .conftest import StartServer
-from .infra.haproxy import free_port
+from tests.conftest import StartServer
+from tests.infra.haproxy import free_port
 
 FORMS_NOTE = (
     "Note: the 12 accepted recipients use address forms (%-hack, bang path, quoted local part, "

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from relayprobe.config import Settings
 from relayprobe.demo import run_demo
+from relayprobe.operations.config import Settings
 
 
 async def test_demo_shows_a_closed_server_an_open_relay_and_the_qmail_case() -> None:

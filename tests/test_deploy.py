@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relayprobe.config import Settings, env_name, load_settings
+from relayprobe.operations.config import Settings, env_name, load_settings
 from tests.conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parent.parent

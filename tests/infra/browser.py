@@ -19,13 +19,15 @@ import ipaddress
 import json
 import socket
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -136,3 +138,17 @@ def headless_chromium() -> Iterator[Browser]:
             yield Browser(driver)
         finally:
             driver.quit()
+
+
+def wait_for(
+    driver: WebDriver, condition: Callable[[WebDriver], Any], *, timeout_s: float = 10.0
+) -> Any:
+    """What `condition` returns once it is truthy; fails the test after `timeout_s`."""
+    return WebDriverWait(driver, timeout_s).until(condition)
+
+
+def assert_clean(browser: Browser) -> None:
+    """No script error or CSP violation was logged, and no request left loopback."""
+    assert browser.console_errors() == []
+    assert browser.off_loopback() == []
+    assert browser.requested, "the performance log recorded no request at all"

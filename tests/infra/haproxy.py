@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-from relayprobe.config import Endpoint
+from relayprobe.operations.config import Endpoint
 
 HAPROXY = Path("/usr/sbin/haproxy")
 ProxyVersion = Literal[1, 2]
