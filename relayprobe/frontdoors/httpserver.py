@@ -19,6 +19,7 @@ ends the exchange and cancels the handler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import functools
@@ -461,6 +462,8 @@ class _Connection(asyncio.Protocol):
         """The client sent FIN, or we stopped reading: only writes can tell us it has gone."""
         self.written_since_check = False
         self.gone = False
+        self.unsent: list[bytes] = []
+        """Pieces sent in this turn of the event loop: they go out as one chunk at its end."""
         self.log = log
 
     @property
@@ -530,6 +533,11 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         del self.server._open[self]
+        if self.source is not None:
+            by_source = self.server._open_by_source
+            by_source[self.source] -= 1
+            if not by_source[self.source]:
+                del by_source[self.source]
         if not self.closed.done():
             self.closed.set_result(None)
         if self.codec is not None and not self.codec.response_complete:
@@ -571,6 +579,7 @@ class _Connection(asyncio.Protocol):
             self._refuse_busy()
             return
         self.source = source
+        self.server._open_by_source[source] += 1
         self.phase = _Phase.REQUEST
         self.codec = ExchangeCodec(peer=source, max_body_bytes=self.options.max_body_bytes)
         self.request_started = self._now()
@@ -666,7 +675,7 @@ class _Connection(asyncio.Protocol):
         elif error is not None:
             self._abort("handler failed")
         else:
-            self._finish(self.codec.end_stream())
+            self._finish(self._end_body())
 
     # The response (through Exchange)
 
@@ -685,17 +694,31 @@ class _Connection(asyncio.Protocol):
         self._write(self.codec.start_stream(status, content_type, headers))
 
     def send(self, data: bytes) -> None:
-        if self.phase is _Phase.ENDED:
+        if self.phase is not _Phase.HANDLING or not data:
+            return
+        # The events of one loop turn (a reply's lines, say) go out in one chunk and one write.
+        if not self.unsent:
+            asyncio.get_running_loop().call_soon(self._send_unsent)
+        self.unsent.append(data)
+
+    def _send_unsent(self) -> None:
+        unsent, self.unsent = self.unsent, []
+        if self.phase is not _Phase.HANDLING or not unsent:
             return
         assert self.codec is not None and self.transport is not None
-        self._write(self.codec.stream(data))
+        self._write(self.codec.stream(b"".join(unsent)))
         if self.transport.get_write_buffer_size() > self.options.output_buffer_bytes:
             self._abort(SLOW_CLIENT)
 
+    def _end_body(self) -> bytes:
+        """What ends the response: the pieces not yet sent, then the end of the body."""
+        self._send_unsent()
+        assert self.codec is not None
+        return self.codec.end_stream()
+
     async def end_stream(self) -> None:
-        if self.phase is not _Phase.ENDED:
-            assert self.codec is not None
-            self._finish(self.codec.end_stream())
+        if self.phase is _Phase.HANDLING:
+            self._finish(self._end_body())
         # The flush is bounded by the CLOSING deadline too.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.options.write_timeout_s):
@@ -756,6 +779,7 @@ class _Connection(asyncio.Protocol):
         if peer_state(self.transport.get_extra_info("socket")) is PeerState.GONE:
             self._abort(CLIENT_CLOSED)
             return
+        self._send_unsent()
         if not self.written_since_check:
             self._write(self.codec.probe())
         self.written_since_check = False
@@ -847,6 +871,8 @@ class HTTPServer:
         self._server: asyncio.Server | None = None
         # Every open connection, oldest first; and the handlers running.
         self._open: dict[_Connection, None] = {}
+        # Open connections by the source they speak for, once it is known.
+        self._open_by_source: collections.Counter[IPAddress] = collections.Counter()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -885,6 +911,8 @@ class HTTPServer:
         await server.wait_closed()
 
     def _make_room(self, newcomer: _Connection, source: IPAddress | None) -> bool:
+        if self._below_caps(source):
+            return True
         others = [c for c in self._open if c is not newcomer and c.counted]
         room = choose_victim(
             others,
@@ -895,6 +923,17 @@ class HTTPServer:
         if room.victim is not None:
             room.victim.evict()
         return room.admitted
+
+    def _below_caps(self, source: IPAddress | None) -> bool:
+        """Whether a newcomer is under both caps counting every open connection, an upper
+        bound of those `choose_victim` counts: then there is room without looking closer, and
+        admission costs the same with 10 connections as with 10,000."""
+        options = self.options
+        if len(self._open) - 1 >= options.max_connections:
+            return False
+        if source is None:
+            return True
+        return self._open_by_source[source] < options.max_connections_per_source
 
     def _refused(self, reason: str) -> None:
         if self._on_refused is not None:

@@ -1084,6 +1084,8 @@ async def test_a_thousand_connect_and_close_leave_nothing_behind(serve: Serve) -
     await asyncio.gather(*(caller(n % 5) for n in range(1000)))
     await eventually(lambda: server.connections == 0 and not handler_tasks())
     assert gate.outcomes and set(gate.outcomes) == {"cancelled"}
+    # The per-source counts of the admission fast path went back to nothing.
+    assert not server._open_by_source
 
 
 async def test_stop_drops_connections_quietly_and_cancels_handlers(
