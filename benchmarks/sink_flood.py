@@ -143,13 +143,13 @@ async def _relay(port: int, registry: InMemoryRegistry, report: Report) -> None:
     while True:
         await asyncio.sleep(RELAY_EVERY_S)
         token = new_token()
-        registry.register(token, ttl=60)
+        await registry.register(token, ttl=60)
         started = time.monotonic()
         try:
             async with asyncio.timeout(IO_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 try:
-                    body = f"Subject: t\r\n\r\nCheck: {registry.message_secret(token)}\r\n."
+                    body = f"Subject: t\r\n\r\nCheck: {await registry.message_secret(token)}\r\n."
                     codes = [await _reply_code(reader)]
                     for line in (
                         "HELO relay.test",
@@ -164,7 +164,7 @@ async def _relay(port: int, registry: InMemoryRegistry, report: Report) -> None:
                     writer.close()
         except (OSError, ConnectionError, TimeoutError):
             codes = []
-        if codes[-1:] == [250] and not registry.is_pending(token):
+        if codes[-1:] == [250] and not await registry.is_pending(token):
             report.deliveries_s.append(time.monotonic() - started)
         else:
             report.failed_deliveries += 1

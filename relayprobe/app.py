@@ -1,35 +1,68 @@
 """The whole service: the reflector, the canary sink and what an operator needs around them.
 
-Starts the parts in order (history and sink before callers can arrive, the operators' HTTP
-endpoint last) and stops them in reverse.
+Starts the parts in order (shared state, history and sink before callers can arrive, the
+operators' HTTP endpoint last) and stops them in reverse. With `redis_url`, tokens, arrivals and
+rate limits are shared with the other replicas through Redis; with `database_url`, the history
+through PostgreSQL; without them, everything is this process's own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sqlite3
+import functools
 import ssl
 from collections.abc import AsyncIterator, Callable
 
 import structlog
+from redis.asyncio import Redis
 
-from relayprobe.confirmation.canary import InMemoryRegistry
+from relayprobe.confirmation.canary import CanaryRegistry, InMemoryRegistry
+from relayprobe.confirmation.redisregistry import RedisRegistry
 from relayprobe.confirmation.sink import CanarySink
 from relayprobe.confirmation.sinktls import SinkTLSError, sink_tls_context
-from relayprobe.frontdoors.core import SessionCore
+from relayprobe.frontdoors.core import SessionCore, rate_limits
+from relayprobe.frontdoors.sharedlimits import SharedRateLimiter
 from relayprobe.frontdoors.telnet import ReflectorService, StartupError, bind_advice
 from relayprobe.frontdoors.web import StoredResults, WebFrontDoor
 from relayprobe.operations.config import Endpoint, Settings
 from relayprobe.operations.metrics import Metrics
-from relayprobe.operations.opshttp import OperatorHTTP
+from relayprobe.operations.opshttp import OperatorHTTP, Readiness
+from relayprobe.storage import redisclient
+from relayprobe.storage.history import HISTORY_ERRORS, error_line, history_location, open_history
 from relayprobe.storage.historywriter import HistoryWriter
 
 log = structlog.get_logger("relayprobe")
 
 
-def new_registry(settings: Settings) -> InMemoryRegistry | None:
-    """The token registry when delivery confirmation is on."""
+# Admissions are short and one at a time per caller: a few connections carry them all.
+RATE_LIMIT_CONNECTIONS = 20
+
+
+def local_registry(settings: Settings) -> InMemoryRegistry | None:
+    """The token registry of one process (`check`, the demo) when delivery confirmation is on."""
     return InMemoryRegistry() if settings.confirmation_off_reason() is None else None
+
+
+def new_registry(settings: Settings, metrics: Metrics) -> CanaryRegistry | None:
+    """The service's token registry when delivery confirmation is on: in Redis when replicas
+    share it."""
+    if settings.redis_url is None or settings.confirmation_off_reason() is not None:
+        return local_registry(settings)
+    return RedisRegistry(
+        settings.redis_url,
+        timeout_s=settings.redis_timeout,
+        on_unavailable=metrics.registry_failure,
+    )
+
+
+def shared_limits(settings: Settings, client: Redis, metrics: Metrics) -> SharedRateLimiter:
+    """The rate limits counted in Redis for every replica."""
+    return SharedRateLimiter(
+        client,
+        timeout_s=settings.redis_timeout,
+        on_fallback=metrics.rate_limit_fallback,
+        **rate_limits(settings),
+    )
 
 
 def sink_tls(settings: Settings) -> ssl.SSLContext:
@@ -47,7 +80,7 @@ def sink_tls(settings: Settings) -> ssl.SSLContext:
 @contextlib.asynccontextmanager
 async def canary_sink(
     settings: Settings,
-    registry: InMemoryRegistry | None,
+    registry: CanaryRegistry | None,
     *,
     on_delivery: Callable[[], None] | None = None,
 ) -> AsyncIterator[Endpoint | None]:
@@ -79,9 +112,31 @@ class Application:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = new_registry(settings)
+        self.registry = new_registry(settings, self.metrics)
+        # A client of its own, so that a flood of registry calls never delays an admission.
+        self.rate_limit_redis = (
+            redisclient.connect(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout,
+                max_connections=RATE_LIMIT_CONNECTIONS,
+            )
+            if settings.redis_url is not None and settings.rate_limit
+            else None
+        )
+        self.shared_limits = (
+            None
+            if self.rate_limit_redis is None
+            else shared_limits(settings, self.rate_limit_redis, self.metrics)
+        )
+        open_backend = functools.partial(
+            open_history, state_dir=settings.state_dir, database_url=settings.database_url
+        )
         self.history = (
-            HistoryWriter(state_dir=settings.state_dir, retention_days=settings.retention_days)
+            HistoryWriter(
+                open_backend,
+                retention_days=settings.retention_days,
+                on_dropped=self.metrics.history_dropped,
+            )
             if settings.history
             else None
         )
@@ -90,6 +145,7 @@ class Application:
             registry=self.registry,
             metrics=self.metrics,
             on_result=self.history.submit if self.history is not None else None,
+            limits=self.shared_limits,
         )
         self.reflector = ReflectorService(self.core)
         self.web = WebFrontDoor(
@@ -98,7 +154,7 @@ class Application:
                 None
                 if self.history is None
                 else StoredResults(
-                    settings.state_dir,
+                    open_backend,
                     retention_days=settings.retention_days,
                     writer=self.history,
                 ).find
@@ -128,20 +184,14 @@ class Application:
             log.warning("delivery_confirmation_off", reason=self.settings.confirmation_off_reason())
 
     async def _start(self) -> None:
+        if self.rate_limit_redis is not None:
+            self._stack.push_async_callback(self.rate_limit_redis.aclose)
+        if isinstance(self.registry, RedisRegistry):
+            # Redis away at the start is no reason to stop: the registry keeps trying, tests run.
+            await self.registry.start()
+            self._stack.push_async_callback(self.registry.aclose)
         if self.history is not None:
-            try:
-                await self.history.start()
-            except (sqlite3.Error, OSError) as exc:
-                number, reason = (
-                    (exc.errno, exc.strerror or str(exc))
-                    if isinstance(exc, OSError)
-                    else (None, str(exc))
-                )
-                raise StartupError(
-                    number,
-                    f"history: cannot write in {self.settings.state_dir}: {reason}; give "
-                    "--state-dir a directory the service may write, or --no-history",
-                ) from None
+            await self._start_history(self.history)
             self._stack.push_async_callback(self.history.stop)
         self.sink_address = await self._stack.enter_async_context(
             canary_sink(self.settings, self.registry, on_delivery=self.metrics.sink_delivery)
@@ -163,10 +213,39 @@ class Application:
             self._stack.push_async_callback(http.stop)
             self.http_address = Endpoint(host, port)
 
-    def ready(self) -> bool:
-        return bool(self.reflector.servers) and (
+    async def _start_history(self, history: HistoryWriter) -> None:
+        settings = self.settings
+        try:
+            await history.start()
+        except HISTORY_ERRORS as exc:
+            number = exc.errno if isinstance(exc, OSError) else None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else error_line(exc)
+            where = history_location(
+                state_dir=settings.state_dir, database_url=settings.database_url
+            )
+            advice = (
+                "give --state-dir a directory the service may write, or --no-history"
+                if settings.database_url is None
+                else "check --database-url and that the database accepts this user, or --no-history"
+            )
+            raise StartupError(
+                number, f"history: cannot write in {where}: {reason}; {advice}"
+            ) from None
+
+    def ready(self) -> Readiness:
+        """Ready when the listeners are bound and, with confirmation on, the sink is up;
+        degraded while a shared server fails (the service still tests callers, with less)."""
+        ready = bool(self.reflector.servers) and (
             self.registry is None or self.sink_address is not None
         )
+        degraded = []
+        if isinstance(self.registry, RedisRegistry) and self.registry.last_error is not None:
+            degraded.append(f"token registry: {self.registry.last_error}")
+        if self.shared_limits is not None and self.shared_limits.degraded:
+            degraded.append(f"rate limits per replica: {self.shared_limits.last_error}")
+        if self.history is not None and self.history.last_error is not None:
+            degraded.append(f"history: {self.history.last_error}")
+        return Readiness(ready, tuple(degraded))
 
     async def shutdown(self) -> None:
         await self._stack.aclose()

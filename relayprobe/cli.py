@@ -13,7 +13,6 @@ import os
 import resource
 import signal
 import socket
-import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, NoReturn
 import structlog
 
 from relayprobe import __version__
-from relayprobe.app import Application, canary_sink, new_registry, sink_tls
+from relayprobe.app import Application, canary_sink, local_registry, sink_tls
 from relayprobe.demo import run_demo
 from relayprobe.frontdoors.core import SessionCore
 from relayprobe.frontdoors.telnet import StartupError
@@ -32,7 +31,13 @@ from relayprobe.operations.logsetup import configure_logging
 from relayprobe.relaytest.events import Event
 from relayprobe.relaytest.sanitize import sanitize_text
 from relayprobe.reports.historyformat import format_entry, format_table
-from relayprobe.storage.store import DATABASE_NAME, HistoryStore
+from relayprobe.storage.history import (
+    HISTORY_ERRORS,
+    error_line,
+    history_location,
+    open_history,
+)
+from relayprobe.storage.store import DATABASE_NAME
 
 # An accepted probe is not an open relay until a test message arrives: "accepted" has a status
 # of its own, so that a script never calls an unproven server open (the qmail case).
@@ -109,7 +114,7 @@ async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
             for line in lines:
                 print(line, flush=True)
 
-    registry = new_registry(settings)
+    registry = local_registry(settings)
     async with canary_sink(settings, registry):
         core = SessionCore(dataclasses.replace(settings, motd=""), registry=registry)
         result = await core.run(address, show)
@@ -144,13 +149,14 @@ async def _serve(settings: Settings) -> int:
 def _history(settings: Settings, args: dict[str, Any]) -> int:
     if args["limit"] < 1:
         raise UsageError("--limit must be at least 1")
+    state_dir, database_url = settings.state_dir, settings.database_url
     try:
-        if not Path(settings.state_dir, DATABASE_NAME).exists():
-            raise UsageError(f"no history in {settings.state_dir} (see --state-dir)")
-        with HistoryStore(settings.state_dir) as store:
+        if database_url is None and not Path(state_dir, DATABASE_NAME).exists():
+            raise UsageError(f"no history in {state_dir} (see --state-dir)")
+        with open_history(state_dir=state_dir, database_url=database_url) as store:
             show = args["show"]
             if show is not None:
-                # No public ID is all digits (see store._PUBLIC_ID): digits are a row number.
+                # No public ID is all digits (see schema._PUBLIC_ID): digits are a row number.
                 entry = (
                     store.get(int(show))
                     if show.isascii() and show.isdigit()
@@ -165,10 +171,11 @@ def _history(settings: Settings, args: dict[str, Any]) -> int:
                 entries = [entry]
             else:
                 entries = store.recent(address=args["address"], limit=args["limit"])
-    except (sqlite3.Error, OSError) as exc:
-        raise UsageError(f"cannot read the history in {settings.state_dir}: {exc}") from None
     except UsageError:
         raise
+    except HISTORY_ERRORS as exc:
+        where = history_location(state_dir=state_dir, database_url=database_url)
+        raise UsageError(f"cannot read the history in {where}: {error_line(exc)}") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args["json"]:

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from relayprobe.app import canary_sink, new_registry
+from relayprobe.app import canary_sink, local_registry
 from relayprobe.fakemx import FakeMailServer, relays_everything, relays_like_qmail, relays_nothing
 from relayprobe.frontdoors.core import SessionCore
 from relayprobe.frontdoors.telnet import ReflectorService
@@ -83,7 +83,7 @@ async def run_demo(settings: Settings, *, show: Callable[[str], None] = print) -
         rate_limit=False,
         history=False,
     )
-    registry = new_registry(settings)
+    registry = local_registry(settings)
     async with canary_sink(settings, registry) as sink:
         assert sink is not None
         port, mail_servers = await _start_mail_servers(sink)

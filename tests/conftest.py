@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from relayprobe.fakemx import FakeMailServer
 from tests.infra import postfix
 from tests.infra.browser import Browser, chromium_available, headless_chromium
+
+if TYPE_CHECKING:
+    from tests.infra.dataservers import PostgresServer
 
 StartServer = Callable[[FakeMailServer], Coroutine[Any, Any, int]]
 
@@ -55,3 +58,23 @@ async def start_server() -> AsyncIterator[StartServer]:
     yield start
     for server in started:
         await server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL for the session; a test that needs a clean one takes a database of its
+    own (tests/storage/conftest.py) or starts its own."""
+    # Here, not at the top: dataservers imports `skip_or_fail` from this module.
+    from tests.infra.dataservers import postgres_or_skip
+
+    with postgres_or_skip() as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL for one test that stops and starts it."""
+    from tests.infra.dataservers import postgres_or_skip
+
+    with postgres_or_skip() as server:
+        yield server

@@ -2,7 +2,8 @@
 
 Each accepted probe sends its test message to `nobody-<token>@<test domain>`; the test domain's
 MX is relayprobe's own sink, which marks the token arrived in a registry the running test waits
-on. Everything here is pure except `InMemoryRegistry.wait`.
+on. The registry's methods are async, for a backend shared by several replicas
+(`redisregistry.RedisRegistry`); everything here is pure except `InMemoryRegistry.wait`.
 """
 
 from __future__ import annotations
@@ -130,22 +131,30 @@ def test_message(
 
 
 ArrivalCallback = Callable[[str, float, str], None]
-"""`on_arrival(token, seconds since register, address that delivered the message)`."""
+"""`on_arrival(token, seconds since register, address that delivered the message)`; the seconds
+are wall-clock time, which means the same on every replica."""
 
 
 class CanaryRegistry(Protocol):
-    """Pending and arrived tokens: the seam for a backend shared by several replicas."""
+    """Pending and arrived tokens: the seam for a backend shared by several replicas.
 
-    def register(self, token: str, *, ttl: float) -> None: ...
+    Every method may raise `RegistryUnavailable` when a shared backend cannot be reached or
+    answers too slowly; `InMemoryRegistry` never does.
+    """
 
-    def is_pending(self, token: str) -> bool: ...
-
-    def message_secret(self, token: str) -> str:
-        """What the test message for `token` carries in its body to prove it went through the
-        tested server: never shown to the caller, the same in every replica."""
+    async def register(self, token: str, *, ttl: float) -> None:
+        """Hold `token` as pending for `ttl` seconds, from now by the wall clock."""
         ...
 
-    def mark_arrived(self, token: str, *, source: str) -> bool:
+    async def is_pending(self, token: str) -> bool: ...
+
+    async def message_secret(self, token: str) -> str | None:
+        """What the test message for `token` carries in its body to prove it went through the
+        tested server: never shown to the caller, the same in every replica. None when the
+        registry has no secret for `token`."""
+        ...
+
+    async def mark_arrived(self, token: str, *, source: str) -> bool:
         """Record an arrival delivered from address `source`; True only the first time, for a
         pending token."""
         ...
@@ -157,11 +166,15 @@ class CanaryRegistry(Protocol):
         `timeout`. `on_arrival` is called for each as it comes."""
         ...
 
-    def forget(self, tokens: Collection[str]) -> None: ...
+    async def forget(self, tokens: Collection[str]) -> None: ...
 
 
 class RegistryFull(RuntimeError):
     """More unexpired tokens than the registry may hold."""
+
+
+class RegistryUnavailable(ConnectionError):
+    """A shared registry could not be reached, or did not answer in time."""
 
 
 @dataclass(slots=True)
@@ -176,7 +189,7 @@ class InMemoryRegistry:
     """A `CanaryRegistry` for one process. Expired tokens are neither pending nor kept."""
 
     def __init__(
-        self, *, clock: Callable[[], float] = time.monotonic, max_entries: int = 100_000
+        self, *, clock: Callable[[], float] = time.time, max_entries: int = 100_000
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be positive, not {max_entries}")
@@ -190,7 +203,7 @@ class InMemoryRegistry:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def register(self, token: str, *, ttl: float) -> None:
+    async def register(self, token: str, *, ttl: float) -> None:
         now = self._clock()
         if token not in self._entries and len(self._entries) >= self._max_entries:
             self._purge_expired(now)
@@ -198,15 +211,15 @@ class InMemoryRegistry:
                 raise RegistryFull(f"{len(self._entries)} canary tokens pending")
         self._entries[token] = _Entry(registered_at=now, expires_at=now + ttl)
 
-    def is_pending(self, token: str) -> bool:
+    async def is_pending(self, token: str) -> bool:
         entry = self._live_entry(token)
         return entry is not None and entry.arrived_at is None
 
-    def message_secret(self, token: str) -> str:
+    async def message_secret(self, token: str) -> str:
         digest = hmac.new(self._secret_key, token.encode(), hashlib.sha256).hexdigest()
         return digest[:SECRET_HEX_CHARS]
 
-    def mark_arrived(self, token: str, *, source: str) -> bool:
+    async def mark_arrived(self, token: str, *, source: str) -> bool:
         entry = self._live_entry(token)
         if entry is None or entry.arrived_at is not None:
             return False
@@ -243,7 +256,7 @@ class InMemoryRegistry:
             self._waiters.remove(waiter)
         return arrived
 
-    def forget(self, tokens: Collection[str]) -> None:
+    async def forget(self, tokens: Collection[str]) -> None:
         for token in tokens:
             self._entries.pop(token, None)
 

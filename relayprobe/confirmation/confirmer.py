@@ -7,16 +7,21 @@ sink and reports each arrival as it comes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections.abc import Callable
 
 from relayprobe.confirmation import canary
-from relayprobe.confirmation.canary import CanaryRegistry, RegistryFull
+from relayprobe.confirmation.canary import CanaryRegistry, RegistryFull, RegistryUnavailable
 from relayprobe.relaytest.events import ConfirmationEnded, Event, Progress, Relayed
 
 
 class Confirmer:
-    """The tokens and test messages of one test, against one registry."""
+    """The tokens and test messages of one test, against one registry.
+
+    A registry that cannot be reached turns confirmation off for the rest of the test
+    (`registry_unavailable`): the probes go on without tokens, and nothing is waited for.
+    """
 
     def __init__(
         self,
@@ -36,23 +41,42 @@ class Confirmer:
         self._sent: dict[str, str] = {}
         self.registry_full = False
         """Some probes ran without a token: too many tests were waiting for mail."""
+        self.registry_unavailable = False
+        """The registry could not be reached: confirmation stopped there."""
 
-    def token_for(self, probe: str) -> str | None:
-        """A fresh token for `probe`'s recipient, or None when the registry is full."""
+    async def token_for(self, probe: str) -> str | None:
+        """A fresh token for `probe`'s recipient, or None when the registry is full or
+        unavailable."""
+        if self.registry_unavailable:
+            return None
         token = canary.new_token()
+        # Kept before registering, to be forgotten: a call that timed out may have registered.
+        self._probe_by_token[token] = probe
         try:
-            self._registry.register(token, ttl=self._token_ttl)
+            await self._registry.register(token, ttl=self._token_ttl)
         except RegistryFull:
             self.registry_full = True
             return None
-        self._probe_by_token[token] = probe
+        except RegistryUnavailable:
+            self.registry_unavailable = True
+            return None
         return token
 
-    def message(self, token: str, *, sender: str, recipient: str, tested_host: str) -> bytes:
-        """The test message for the probe that `token` belongs to."""
+    async def message(
+        self, token: str, *, sender: str, recipient: str, tested_host: str
+    ) -> bytes | None:
+        """The test message for the probe that `token` belongs to; None when the registry
+        cannot say the token's secret, and no message can prove anything."""
+        try:
+            secret = await self._registry.message_secret(token)
+        except RegistryUnavailable:
+            self.registry_unavailable = True
+            return None
+        if secret is None:
+            return None
         return canary.test_message(
             token=token,
-            secret=self._registry.message_secret(token),
+            secret=secret,
             probe_name=self._probe_by_token[token],
             sender=sender,
             recipient=recipient,
@@ -67,20 +91,31 @@ class Confirmer:
 
     async def wait(self) -> None:
         """Wait, at most the confirm wait, for the test messages the server took; each arrival
-        is a `Relayed` event, and `ConfirmationEnded` says what was waited for."""
-        sent = self._sent
-        if sent:
-            self._emit(Progress(f"Waiting up to {self._wait_s:g} s for relayed test messages ..."))
-            await self._registry.wait(
-                sent,
-                timeout=self._wait_s,
-                on_arrival=lambda token, after, source: self._emit(
-                    Relayed(sent[token], after, source)
-                ),
-            )
-        self._emit(ConfirmationEnded(sent=tuple(sent.values()), wait_s=self._wait_s))
+        is a `Relayed` event, and `ConfirmationEnded` says what was waited for.
 
-    def forget(self) -> None:
-        """Drop every token of this test from the registry."""
+        With the registry unavailable, nothing is waited for, and `ConfirmationEnded` comes
+        only if a message arrived before the registry was lost: no summary may say that none
+        arrived when nobody could look.
+        """
+        sent = self._sent
+        arrived: set[str] = set()
+
+        def relayed(token: str, after_s: float, source: str) -> None:
+            arrived.add(token)
+            self._emit(Relayed(sent[token], after_s, source))
+
+        if sent and not self.registry_unavailable:
+            self._emit(Progress(f"Waiting up to {self._wait_s:g} s for relayed test messages ..."))
+            try:
+                await self._registry.wait(sent, timeout=self._wait_s, on_arrival=relayed)
+            except RegistryUnavailable:
+                self.registry_unavailable = True
+        if arrived or not self.registry_unavailable:
+            self._emit(ConfirmationEnded(sent=tuple(sent.values()), wait_s=self._wait_s))
+
+    async def forget(self) -> None:
+        """Drop every token of this test from the registry; one it cannot reach lets them
+        expire."""
         if self._probe_by_token:
-            self._registry.forget(self._probe_by_token)
+            with contextlib.suppress(RegistryUnavailable):
+                await self._registry.forget(self._probe_by_token)

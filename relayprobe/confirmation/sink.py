@@ -6,7 +6,8 @@ counts only when its body carries the token's secret, and every connection is bo
 recipient, message size, message bytes per second, unknown recipients and reply rate (see
 `SinkLimits`). It offers STARTTLS (never requires it) with the operator's certificate or a throwaway
 one, and the limits hold over TLS as before: a connection keeps its slot and deadlines through the
-upgrade, and the handshake gets no longer than the wait between two commands.
+upgrade, and the handshake gets no longer than the wait between two commands. While the registry
+is down or slow, RCPT and the end of DATA get a 451, and the relay tries again later.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, AnyStr, NoReturn, cast
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
-from relayprobe.confirmation.canary import CanaryRegistry, token_from_address
+from relayprobe.confirmation.canary import CanaryRegistry, RegistryUnavailable, token_from_address
 from relayprobe.confirmation.sinklimits import Refusal, SinkGuard, SinkLimits
 from relayprobe.confirmation.sinktls import sink_tls_context
 from relayprobe.frontdoors.access import IPAddress, unmap_ipv4
@@ -39,6 +40,7 @@ TOO_MANY_UNKNOWN = "421 4.7.0 Too many unknown recipients, closing connection"
 RECEIVED = "250 2.0.0 Test message received"
 NOT_A_TEST_MESSAGE = "554 5.7.1 Not a test message of this service: it is not counted"
 INTERNAL_ERROR = "451 4.3.0 Internal error"
+REGISTRY_UNAVAILABLE = "451 4.3.0 Test registry unavailable, try again later"
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big, closing connection"
 # RFC 5321 4.5.3.1.6: 1,000 octets with the CRLF; aiosmtpd's StreamReader allows one more.
 LINE_TOO_LONG = "500 5.5.2 Line too long, closing connection"
@@ -50,6 +52,9 @@ NO_TEST_RECIPIENT = (
 IDENT = "relayprobe canary sink"
 # A relay delivers one probe's message at a time; a hundred recipients is already generous.
 MAX_RECIPIENTS = 100
+# The longest the registry may take over one RCPT or one message's recipients. A shared
+# registry bounds each call itself, more tightly; past this, a relay is better off retrying.
+REGISTRY_TIMEOUT_S = 2.0
 
 log = structlog.get_logger()
 
@@ -79,7 +84,15 @@ class _CanaryHandler:
         rcpt_options: list[str],
     ) -> str:
         token = token_from_address(address, domain=self._domain)
-        if token is None or not self._registry.is_pending(token):
+        if token is None:
+            return cast(_SinkConnection, server).unknown_recipient()
+        try:
+            async with asyncio.timeout(REGISTRY_TIMEOUT_S):
+                pending = await self._registry.is_pending(token)
+        except (RegistryUnavailable, TimeoutError):
+            # Logged and counted by the registry, once per outage: not here, per recipient.
+            return REGISTRY_UNAVAILABLE
+        if not pending:
             return cast(_SinkConnection, server).unknown_recipient()
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return TOO_MANY_RECIPIENTS
@@ -95,14 +108,22 @@ class _CanaryHandler:
         content = envelope.content if isinstance(envelope.content, bytes) else b""
         arrived: list[str] = []
         unproven: list[str] = []
-        for address in envelope.rcpt_tos:
-            token = token_from_address(address, domain=self._domain)
-            if token is None:
-                continue
-            if self._registry.message_secret(token).encode("ascii") not in content:
-                unproven.append(token)
-            elif self._registry.mark_arrived(token, source=source):
-                arrived.append(token)
+        try:
+            async with asyncio.timeout(REGISTRY_TIMEOUT_S):
+                for address in envelope.rcpt_tos:
+                    token = token_from_address(address, domain=self._domain)
+                    if token is None:
+                        continue
+                    secret = await self._registry.message_secret(token)
+                    if not secret:  # an empty one would be in every message
+                        continue
+                    if secret.encode("ascii") not in content:
+                        unproven.append(token)
+                    elif await self._registry.mark_arrived(token, source=source):
+                        arrived.append(token)
+        except (RegistryUnavailable, TimeoutError):
+            # The relay keeps the message and tries again; an arrival already marked stays.
+            return REGISTRY_UNAVAILABLE
         if unproven and not arrived:
             self._on_unproven(unproven, source)
             return NOT_A_TEST_MESSAGE

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Literal
+from typing import Literal, NamedTuple, TypedDict, Unpack
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -102,13 +102,95 @@ class RateDecision:
     retry_after: float = 0.0
 
 
-_Scope = Literal["address", "prefix"]
-# (scope, IP version, address or network number): one sliding-window log per key.
-_Key = tuple[_Scope, int, int]
+Scope = Literal["address", "prefix"]
+
+
+def longest_wait(waits: Iterable[tuple[float, Reason]]) -> RateDecision:
+    """The decision given how long each limit says to wait (0 or less: now). The longest wait is
+    the earliest moment every limit could allow the test; on a tie the first limit named wins."""
+    wait, reason = max(waits, key=lambda item: item[0])
+    if wait > 0:
+        return RateDecision(allowed=False, reason=reason, retry_after=wait)
+    return RateDecision(allowed=True)
+
+
+class RateKey(NamedTuple):
+    """What one sliding window counts: an address, or the network prefix it is in."""
+
+    scope: Scope
+    version: int
+    network: int
+    length: int
+
+    def __str__(self) -> str:
+        number = IPv4Address(self.network) if self.version == 4 else IPv6Address(self.network)
+        return f"{self.scope}:{number}/{self.length}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """The limits on test starts, for every limiter that enforces them.
+
+    Per address: one start in any `per_address_interval` seconds. Per prefix (an IPv4 /24 or
+    IPv6 /56 by default): `per_prefix` starts in any `prefix_window` seconds. Globally: a token
+    bucket refilled at `global_per_second`, holding at most `global_burst`.
+    """
+
+    per_address_interval: float = 60.0
+    per_prefix: int = 10
+    prefix_window: float = 60.0
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 56
+    global_per_second: float = 5.0
+    global_burst: int = 5
+
+    def __post_init__(self) -> None:
+        if self.per_address_interval < 0 or self.prefix_window < 0:
+            raise ValueError("per_address_interval and prefix_window must be >= 0")
+        if self.per_prefix < 1:
+            raise ValueError(f"per_prefix must be >= 1, not {self.per_prefix}")
+        if not 0 <= self.ipv4_prefix <= 32:
+            raise ValueError(f"ipv4_prefix must be in 0..32, not {self.ipv4_prefix}")
+        if not 0 <= self.ipv6_prefix <= 128:
+            raise ValueError(f"ipv6_prefix must be in 0..128, not {self.ipv6_prefix}")
+        if self.global_per_second <= 0:
+            raise ValueError(f"global_per_second must be > 0, not {self.global_per_second}")
+        if self.global_burst < 1:
+            raise ValueError(f"global_burst must be >= 1, not {self.global_burst}")
+
+    def window(self, scope: Scope) -> tuple[int, float]:
+        """How many starts a window of `scope` allows, and how many seconds it spans."""
+        if scope == "address":
+            return 1, self.per_address_interval
+        return self.per_prefix, self.prefix_window
+
+    def keys(self, address: IPAddress) -> tuple[RateKey, RateKey]:
+        """The windows a start from `address` counts in: its own and its prefix's. An
+        IPv4-mapped address counts as the IPv4 address it carries."""
+        address = unmap_ipv4(address)
+        bits = address.max_prefixlen
+        length = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
+        network = int(address) >> (bits - length) << (bits - length)
+        return (
+            RateKey("address", address.version, int(address), bits),
+            RateKey("prefix", address.version, network, length),
+        )
+
+
+class RateLimitOptions(TypedDict, total=False):
+    """The fields of `RateLimits`, as keywords of the limiters."""
+
+    per_address_interval: float
+    per_prefix: int
+    prefix_window: float
+    ipv4_prefix: int
+    ipv6_prefix: int
+    global_per_second: float
+    global_burst: int
 
 
 class RateLimiter:
-    """Limits on test starts: per address, per network prefix, and globally.
+    """Limits on test starts (`RateLimits`, given as keywords), kept in this process.
 
     `check()` decides and, when it allows, records the start; a refusal consumes nothing.
     Per-address and per-prefix limits are sliding windows (at most N starts in any W seconds);
@@ -121,41 +203,22 @@ class RateLimiter:
     def __init__(
         self,
         *,
-        per_address_interval: float = 60.0,
-        per_prefix: int = 10,
-        prefix_window: float = 60.0,
-        ipv4_prefix: int = 24,
-        ipv6_prefix: int = 56,
-        global_per_second: float = 5.0,
-        global_burst: int = 5,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        **limits: Unpack[RateLimitOptions],
     ) -> None:
-        if per_address_interval < 0 or prefix_window < 0:
-            raise ValueError("per_address_interval and prefix_window must be >= 0")
-        if per_prefix < 1:
-            raise ValueError(f"per_prefix must be >= 1, not {per_prefix}")
-        if not 0 <= ipv4_prefix <= 32:
-            raise ValueError(f"ipv4_prefix must be in 0..32, not {ipv4_prefix}")
-        if not 0 <= ipv6_prefix <= 128:
-            raise ValueError(f"ipv6_prefix must be in 0..128, not {ipv6_prefix}")
-        if global_per_second <= 0:
-            raise ValueError(f"global_per_second must be > 0, not {global_per_second}")
-        if global_burst < 1:
-            raise ValueError(f"global_burst must be >= 1, not {global_burst}")
+        self.limits = RateLimits(**limits)
         # One allowed test adds up to two keys; fewer would evict the entries just written.
         if max_entries < 2:
             raise ValueError(f"max_entries must be >= 2, not {max_entries}")
-        self._limits: dict[_Scope, tuple[int, float]] = {
-            "address": (1, per_address_interval),
-            "prefix": (per_prefix, prefix_window),
-        }
-        self._prefix_lengths = {4: ipv4_prefix, 6: ipv6_prefix}
         self._max_entries = max_entries
+        self._windows = {scope: self.limits.window(scope) for scope in ("address", "prefix")}
         self._clock = clock
-        self._global = TokenBucket(rate=global_per_second, capacity=global_burst, now=clock())
+        self._global = TokenBucket(
+            rate=self.limits.global_per_second, capacity=self.limits.global_burst, now=clock()
+        )
         # Ordered by last recorded start, so the front is always the least recently used.
-        self._logs: OrderedDict[_Key, deque[float]] = OrderedDict()
+        self._logs: OrderedDict[RateKey, deque[float]] = OrderedDict()
 
     @property
     def tracked_keys(self) -> int:
@@ -165,7 +228,7 @@ class RateLimiter:
     def check(self, address: IPAddress) -> RateDecision:
         """Decide whether `address` may start a test now, and record the start if so."""
         now = self._clock()
-        decision, keys = self._decide(unmap_ipv4(address), now)
+        decision, keys = self._decide(address, now)
         if not decision.allowed:
             return decision
         for key in keys:
@@ -178,18 +241,13 @@ class RateLimiter:
     def peek(self, address: IPAddress) -> RateDecision:
         """What `check` would decide now, recording nothing: for a page that says whether the
         visitor may test."""
-        return self._decide(unmap_ipv4(address), self._clock())[0]
+        return self._decide(address, self._clock())[0]
 
-    def _decide(self, address: IPAddress, now: float) -> tuple[RateDecision, tuple[_Key, ...]]:
+    def _decide(self, address: IPAddress, now: float) -> tuple[RateDecision, tuple[RateKey, ...]]:
         self._drop_expired(now)
-        keys = (self._key("address", address), self._key("prefix", address))
-        waits: list[tuple[float, Reason]] = [(self._window_wait(key, now), key[0]) for key in keys]
-        waits.append((self._global.wait(now), "global"))
-        # The longest wait is the earliest moment every limit could allow the test.
-        wait, reason = max(waits, key=lambda item: item[0])
-        if wait > 0:
-            return RateDecision(allowed=False, reason=reason, retry_after=wait), keys
-        return RateDecision(allowed=True), keys
+        keys = self.limits.keys(address)
+        waits = [(self._window_wait(key, now), key.scope) for key in keys]
+        return longest_wait([*waits, (self._global.wait(now), "global")]), keys
 
     def refund_global(self) -> None:
         """Give back the global token of a test that ended before it cost anything: a caller
@@ -197,17 +255,11 @@ class RateLimiter:
         and per-prefix limits stay charged."""
         self._global.give_back()
 
-    def _key(self, scope: _Scope, address: IPAddress) -> _Key:
-        bits = address.max_prefixlen
-        length = bits if scope == "address" else self._prefix_lengths[address.version]
-        network = int(address) >> (bits - length) << (bits - length)
-        return scope, address.version, network
-
-    def _window_wait(self, key: _Key, now: float) -> float:
+    def _window_wait(self, key: RateKey, now: float) -> float:
         log = self._logs.get(key)
         if log is None:
             return 0.0
-        count, window = self._limits[key[0]]
+        count, window = self._windows[key.scope]
         while log and now - log[0] >= window:
             log.popleft()
         if not log:
@@ -218,10 +270,10 @@ class RateLimiter:
         # Written so that it is > 0 whenever the age test above found the entry live.
         return window - (now - log[0])
 
-    def _record(self, key: _Key, now: float) -> None:
+    def _record(self, key: RateKey, now: float) -> None:
         log = self._logs.get(key)
         if log is None:
-            log = self._logs[key] = deque(maxlen=self._limits[key[0]][0])
+            log = self._logs[key] = deque(maxlen=self._windows[key.scope][0])
         else:
             self._logs.move_to_end(key)
         log.append(now)
@@ -229,7 +281,7 @@ class RateLimiter:
     def _drop_expired(self, now: float) -> None:
         while self._logs:
             key, log = next(iter(self._logs.items()))
-            if now - log[-1] < self._limits[key[0]][1]:
+            if now - log[-1] < self._windows[key.scope][1]:
                 return
             del self._logs[key]
 

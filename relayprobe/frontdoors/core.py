@@ -15,7 +15,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -23,6 +23,7 @@ from relayprobe.confirmation.canary import CanaryRegistry
 from relayprobe.frontdoors.access import (
     ACCESS_REFUSAL,
     AccessPolicy,
+    RateDecision,
     RateLimiter,
     Refusal,
     parse_network,
@@ -44,6 +45,45 @@ OnLines = Callable[[Event, tuple[str, ...]], None]
 OnResult = Callable[[TestResult], None]
 
 BUSY = Refusal("busy", "Too many tests running, try again in a minute", retry_after_s=60)
+
+
+class Limits(Protocol):
+    """Rate limits as admission uses them: this process's own, or shared by replicas."""
+
+    async def check(self, address: IPAddress) -> RateDecision: ...
+
+    async def peek(self, address: IPAddress) -> RateDecision: ...
+
+    async def refund_global(self) -> None: ...
+
+
+class LocalLimits:
+    """This process's `RateLimiter` behind the interface a shared limiter needs."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    async def check(self, address: IPAddress) -> RateDecision:
+        return self.limiter.check(address)
+
+    async def peek(self, address: IPAddress) -> RateDecision:
+        return self.limiter.peek(address)
+
+    async def refund_global(self) -> None:
+        self.limiter.refund_global()
+
+
+def rate_limits(settings: Settings) -> dict[str, Any]:
+    """The rate limiter's keywords from the settings; the same for a shared limiter."""
+    return {
+        "per_address_interval": settings.rate_address_interval,
+        "per_prefix": settings.rate_prefix_tests,
+        "prefix_window": settings.rate_prefix_window,
+        "ipv4_prefix": settings.rate_ipv4_prefix,
+        "ipv6_prefix": settings.rate_ipv6_prefix,
+        "global_per_second": settings.rate_global,
+        "global_burst": max(1, round(settings.rate_global)),
+    }
 
 
 class EndReason(enum.StrEnum):
@@ -96,28 +136,23 @@ class SessionCore:
         registry: CanaryRegistry | None = None,
         metrics: Metrics | None = None,
         on_result: OnResult | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        """`limits` are the rate limits; by default (with `rate_limit` on) this process's own."""
         self.settings = settings
         self.registry = registry
         self.metrics = metrics or Metrics()
         self.on_result = on_result
         self.options = settings.test_options()
         self.policy = AccessPolicy(allow=settings.allow, deny=settings.deny)
-        self.limiter = (
-            RateLimiter(
-                per_address_interval=settings.rate_address_interval,
-                per_prefix=settings.rate_prefix_tests,
-                prefix_window=settings.rate_prefix_window,
-                ipv4_prefix=settings.rate_ipv4_prefix,
-                ipv6_prefix=settings.rate_ipv6_prefix,
-                global_per_second=settings.rate_global,
-                global_burst=max(1, round(settings.rate_global)),
-            )
-            if settings.rate_limit
-            else None
-        )
+        if limits is None and settings.rate_limit:
+            limits = LocalLimits(RateLimiter(**rate_limits(settings)))
+        self.limits = limits if settings.rate_limit else None
         self.trusted_proxies = tuple(parse_network(cidr) for cidr in settings.trusted_proxy)
         self.running: dict[int, RunningTest] = {}
+        self._admitting = 0
+        """Callers between the session cap and their start: they hold a slot meanwhile."""
+        self._refunds: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._shutting_down = False
 
@@ -131,16 +166,17 @@ class SessionCore:
     def is_trusted_proxy(self, peer: IPAddress) -> bool:
         return any(peer in network for network in self.trusted_proxies)
 
-    def admission(self, caller: IPAddress) -> Refusal | None:
+    async def admission(self, caller: IPAddress) -> Refusal | None:
         """Whether `caller` could test now, charging nothing: what a landing page tells."""
-        return self._refusal(caller, charge=False)
+        return await self._refusal(caller, charge=False)
 
-    def admit(self, caller: IPAddress, *, door: str, session_id: int) -> Ticket | Refusal:
+    async def admit(self, caller: IPAddress, *, door: str, session_id: int) -> Ticket | Refusal:
         """Whether `caller` may test now; a rate limit is charged only when the answer is yes.
 
-        A refusal is logged and counted here; the front door only tells the caller.
+        Start the test (`start`) right after a ticket, without awaiting anything in between. A
+        refusal is logged and counted here; the front door only tells the caller.
         """
-        refusal = self._refusal(caller, charge=True)
+        refusal = await self._refusal(caller, charge=True)
         if refusal is None:
             return Ticket(caller, door, session_id)
         log.info(
@@ -153,16 +189,21 @@ class SessionCore:
         self.metrics.refused(refusal.reason)
         return refusal
 
-    def _refusal(self, caller: IPAddress, *, charge: bool) -> Refusal | None:
+    async def _refusal(self, caller: IPAddress, *, charge: bool) -> Refusal | None:
         if not self.policy.permits(caller):
             return ACCESS_REFUSAL
-        if self._shutting_down or len(self.running) >= self.settings.max_sessions:
+        if self._shutting_down or len(self.running) + self._admitting >= self.settings.max_sessions:
             return BUSY
-        if self.limiter is not None:
-            decision = self.limiter.check(caller) if charge else self.limiter.peek(caller)
-            if not decision.allowed:
-                return rate_refusal(decision)
-        return None
+        if self.limits is None:
+            return None
+        # A shared limiter answers after a round trip: hold a slot meanwhile, so that callers
+        # admitted at once cannot pass the session cap together.
+        self._admitting += 1
+        try:
+            decision = await (self.limits.check(caller) if charge else self.limits.peek(caller))
+        finally:
+            self._admitting -= 1
+        return None if decision.allowed else rate_refusal(decision)
 
     def start(
         self,
@@ -257,8 +298,10 @@ class SessionCore:
         del self.running[running.ticket.session_id]
         self.metrics.session_closed()
         if task.cancelled():
-            if not running.heard_server and self.limiter is not None:
-                self.limiter.refund_global()
+            if not running.heard_server and self.limits is not None:
+                refund = asyncio.create_task(self.limits.refund_global())
+                self._refunds.add(refund)
+                refund.add_done_callback(self._refunds.discard)
         elif (error := task.exception()) is not None:
             running.end_reason = EndReason.INTERNAL_ERROR
             running.log.error("session_failed", exc_info=error)

@@ -73,6 +73,7 @@ class TelnetSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.proxy: ProxyHeaderParser | None = None
         self.running: RunningTest | None = None
+        self.admitting: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.watch: asyncio.TimerHandle | None = None
         self.ignoring_input = False
@@ -127,7 +128,8 @@ class TelnetSession(asyncio.Protocol):
             self.end(EndReason.INTERRUPTED)
 
     def eof_received(self) -> bool:
-        if self.running is None or self.running.result is not None:
+        testing = self.admitting is not None or self.running is not None
+        if not testing or (self.running is not None and self.running.result is not None):
             self.end(EndReason.CLIENT_CLOSED)
             return False
         self.log.debug("caller_half_closed")
@@ -169,7 +171,13 @@ class TelnetSession(asyncio.Protocol):
         return b""
 
     def _admit(self, caller: IPAddress) -> None:
-        ticket = self.core.admit(caller, door="telnet", session_id=self.session_id)
+        # A shared rate limiter answers after a round trip: admission is a task of its own,
+        # which a caller who hangs up meanwhile cancels.
+        self.admitting = asyncio.create_task(self._admission(caller))
+
+    async def _admission(self, caller: IPAddress) -> None:
+        ticket = await self.core.admit(caller, door="telnet", session_id=self.session_id)
+        self.admitting = None
         if not isinstance(ticket, Ticket):
             self.write_line(ticket.message)
             self._close()
@@ -281,6 +289,9 @@ class TelnetSession(asyncio.Protocol):
 
     def end(self, reason: EndReason) -> None:
         """Stop the test (its SMTP session gets QUIT) and hang up; the first reason counts."""
+        if self.admitting is not None:
+            self.admitting.cancel()
+            self.admitting = None
         if self.running is not None:
             self.running.stop(reason)
         self._close(abort=reason is EndReason.SLOW_CLIENT)

@@ -15,7 +15,6 @@ import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,8 +34,14 @@ from relayprobe.reports.webpages import (
     new_nonce,
     result_page,
 )
+from relayprobe.storage.history import (
+    HISTORY_ERRORS,
+    HistoryUnavailableError,
+    error_line,
+    is_unavailable,
+)
 from relayprobe.storage.historywriter import HistoryWriter
-from relayprobe.storage.store import HistoryStore
+from relayprobe.storage.schema import HistoryBackend
 
 log = structlog.get_logger("relayprobe.frontdoors.web")
 
@@ -62,8 +67,11 @@ CROSS_SITE_MESSAGE = (
 )
 # A Host header worth repeating on the page: a host name or address, and a port.
 _AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(?::[0-9]{1,5})?")
-# Each page view looks a result up in SQLite on a thread: a few at once is plenty.
+# Each page view looks a result up in the history on a thread, with a connection of its own: a
+# few at once is plenty.
 MAX_LOOKUPS = 4
+# A history that could not be read is worth asking again soon: a database restarts in seconds.
+HISTORY_RETRY_AFTER_S = 60
 
 
 def refusal_response(refusal: Refusal) -> Response:
@@ -85,25 +93,56 @@ def _json_line(record: dict[str, Any]) -> bytes:
 
 class StoredResults:
     """Shareable results, read from the history (and from its writer's queue, so that a link
-    works as soon as it is shown): none past the retention, a few reads at once."""
+    works as soon as it is shown): none past the retention, a few reads at once.
+
+    Each lookup opens the history with `open_backend` and reads it on a thread: the backends'
+    one sync implementation serves the writer, `relayprobe history` and this door, and a page
+    view is rare enough for a connection of its own. A lookup that fails because the database
+    is unavailable, or takes over `timeout_s`, raises HistoryUnavailableError; its thread keeps
+    its slot until it ends (each backend call is bounded), so a hung database holds at most
+    MAX_LOOKUPS threads.
+    """
 
     def __init__(
-        self, state_dir: str | Path, *, retention_days: float, writer: HistoryWriter
+        self,
+        open_backend: Callable[[], HistoryBackend],
+        *,
+        retention_days: float,
+        writer: HistoryWriter,
+        timeout_s: float = 15.0,
     ) -> None:
-        self.state_dir = state_dir
+        self.open_backend = open_backend
         self.retention_days = retention_days
         self.writer = writer
+        self.timeout_s = timeout_s
         self._slots = asyncio.Semaphore(MAX_LOOKUPS)
 
     async def find(self, result_id: str) -> dict[str, Any] | None:
         if (unsaved := self.writer.unsaved(result_id)) is not None:
             return unsaved.to_json()
-        async with self._slots:
-            return await asyncio.to_thread(self._find, result_id)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._slots.acquire()
+                lookup = asyncio.ensure_future(asyncio.to_thread(self._find, result_id))
+                lookup.add_done_callback(self._lookup_done)
+                return await asyncio.shield(lookup)
+        except TimeoutError:
+            reason = f"no answer in {self.timeout_s:g} s"
+        except HISTORY_ERRORS as exc:
+            if not is_unavailable(exc):
+                raise
+            reason = error_line(exc)
+        log.warning("history.lookup_failed", error=reason)
+        raise HistoryUnavailableError(f"the history is unavailable: {reason}")
+
+    def _lookup_done(self, lookup: asyncio.Future[dict[str, Any] | None]) -> None:
+        self._slots.release()
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: the caller may have stopped waiting for it
 
     def _find(self, result_id: str) -> dict[str, Any] | None:
-        with HistoryStore(self.state_dir) as store:
-            entry = store.by_public_id(
+        with self.open_backend() as backend:
+            entry = backend.by_public_id(
                 result_id,
                 now=datetime.datetime.now(datetime.UTC),
                 retention_days=self.retention_days,
@@ -169,7 +208,7 @@ class WebFrontDoor:
             case Action.RUN_TEST:
                 await self._run_test(caller, chosen.format, exchange)
             case Action.LANDING_PAGE:
-                exchange.respond(self._landing_page(caller, request))
+                exchange.respond(await self._landing_page(caller, request))
             case Action.RESULT_PAGE | Action.RESULT_JSON:
                 exchange.respond(await self._stored_result(chosen))
             case Action.CROSS_SITE:
@@ -189,7 +228,7 @@ class WebFrontDoor:
 
     async def _run_test(self, caller: IPAddress, chosen: Format, exchange: Exchange) -> None:
         core = self.core
-        ticket = core.admit(caller, door="http", session_id=core.next_session_id())
+        ticket = await core.admit(caller, door="http", session_id=core.next_session_id())
         if not isinstance(ticket, Ticket):
             exchange.respond(refusal_response(ticket))
             return
@@ -238,8 +277,8 @@ class WebFrontDoor:
         except Exception:
             return None
 
-    def _landing_page(self, caller: IPAddress, request: Request) -> Response:
-        refusal = self.core.admission(caller)
+    async def _landing_page(self, caller: IPAddress, request: Request) -> Response:
+        refusal = await self.core.admission(caller)
         admission = "You can test this address now." if refusal is None else refusal.message
         nonce = new_nonce()
         host, commands = self._commands(request)
@@ -269,7 +308,15 @@ class WebFrontDoor:
 
     async def _stored_result(self, chosen: Route) -> Response:
         assert chosen.result_id is not None
-        found = None if self.results is None else await self.results(chosen.result_id)
+        try:
+            found = None if self.results is None else await self.results(chosen.result_id)
+        except HistoryUnavailableError:
+            return Response(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                b"The result history is unavailable for now, try again in a minute\n",
+                TEXT,
+                (*_SECURITY_HEADERS, ("Retry-After", str(HISTORY_RETRY_AFTER_S))),
+            )
         if found is None:
             return _text(HTTPStatus.NOT_FOUND, "not found")
         found = {**found, "url": self.core.result_url(chosen.result_id)}

@@ -137,6 +137,26 @@ def parse_hostname(value: object) -> str:
     return name.lower()
 
 
+def _service_url(schemes: tuple[str, ...]) -> Callable[[object], str]:
+    """A parser for the URL of a shared server: one of `schemes`, a host, nothing else checked
+    (the client library reads the rest); the password may be in it, so it is never echoed."""
+
+    def parse(value: object) -> str:
+        text = _text(value)
+        url = urllib.parse.urlsplit(text)
+        if url.scheme not in schemes or not url.hostname:
+            raise ValueError(
+                f"expected a {' or '.join(f'{s}://' for s in schemes)} URL with a host"
+            )
+        return text
+
+    return parse
+
+
+parse_redis_url = _service_url(("redis", "rediss"))
+parse_database_url = _service_url(("postgresql", "postgres"))
+
+
 def parse_public_url(value: object) -> str:
     """`https://relay-test.isp.example` (or with a path): where the web front door is reached,
     for the links to results; kept without a trailing slash."""
@@ -582,6 +602,32 @@ class Settings:
             parse_public_url,
             "URL of the web front door, for links to stored results",
             commands=_SERVE,
+            metavar="URL",
+        ),
+    )
+    redis_url: str | None = field(
+        default=None,
+        metadata=_option(
+            parse_redis_url,
+            "Redis shared by replicas: tokens, arrivals, rate limits (give it by "
+            "RELAYPROBE_REDIS_URL or the file when it holds a password)",
+            commands=_SERVE,
+            metavar="URL",
+        ),
+    )
+    redis_timeout: float = field(
+        default=0.2,
+        metadata=_option(
+            parse_seconds, "seconds each Redis call may take", commands=_SERVE, metavar="S"
+        ),
+    )
+    database_url: str | None = field(
+        default=None,
+        metadata=_option(
+            parse_database_url,
+            "PostgreSQL for the history shared by replicas, instead of SQLite in state_dir "
+            "(give it by RELAYPROBE_DATABASE_URL or the file when it holds a password)",
+            commands=_STATE,
             metavar="URL",
         ),
     )

@@ -1,4 +1,5 @@
-"""Prometheus metrics for operators: tests run, their verdicts, probe outcomes, refusals.
+"""Prometheus metrics for operators: tests run, their verdicts, probe outcomes, refusals, and
+what shared state (Redis, the history's database) failed to do.
 
 Each `Metrics` owns its registry, so several instances (and tests) never share counters.
 Label values are fixed sets checked on use: a typo fails loudly instead of creating a series,
@@ -30,6 +31,16 @@ REFUSAL_REASONS = (
     "rate_global",
     "proxy",
     "slow_client",
+)
+# What the shared registry is asked to do (`redisregistry.RedisRegistry`'s operations).
+REGISTRY_OPERATIONS = (
+    "register",
+    "is_pending",
+    "message_secret",
+    "mark_arrived",
+    "wait",
+    "forget",
+    "listen",
 )
 # From a banner refused at once (tens of ms) to a full run of 20 probes waiting for relayed mail.
 SESSION_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 240, 300)
@@ -85,12 +96,30 @@ class Metrics:
             buckets=SESSION_DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._rate_limit_fallbacks = Counter(
+            "relayprobe_rate_limit_fallbacks",
+            "Admissions decided by this replica alone because the shared rate limits failed.",
+            registry=self.registry,
+        )
+        self._registry_failures = Counter(
+            "relayprobe_registry_failures",
+            "Calls to the shared token registry that failed or timed out, by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+        self._history_dropped = Counter(
+            "relayprobe_history_dropped",
+            "Results that were never saved in the history.",
+            registry=self.registry,
+        )
         for verdict in VERDICTS:
             self._tests_finished.labels(verdict=verdict)
         for outcome in OUTCOMES:
             self._probe_outcomes.labels(outcome=outcome)
         for reason in REFUSAL_REASONS:
             self._refusals.labels(reason=reason)
+        for operation in REGISTRY_OPERATIONS:
+            self._registry_failures.labels(operation=operation)
 
     def test_started(self) -> None:
         self._tests_started.inc()
@@ -116,6 +145,18 @@ class Metrics:
 
     def sink_delivery(self) -> None:
         self._sink_deliveries.inc()
+
+    def rate_limit_fallback(self) -> None:
+        self._rate_limit_fallbacks.inc()
+
+    def registry_failure(self, operation: str) -> None:
+        """Count a failed registry call; raises ValueError for an unknown operation."""
+        checked = _check("registry operation", operation, REGISTRY_OPERATIONS)
+        self._registry_failures.labels(operation=checked).inc()
+
+    def history_dropped(self, count: int) -> None:
+        """Count results lost; thread-safe (the history writer calls it from its thread)."""
+        self._history_dropped.inc(count)
 
     def session_opened(self) -> None:
         self._active_sessions.inc()

@@ -6,6 +6,7 @@ A handler on `HTTPServer`, which bounds and times everything a client sends; rou
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 
 from relayprobe.frontdoors.httpserver import Exchange, HTTPServer, Request, Response
@@ -15,10 +16,30 @@ _ALLOWED_METHODS = ("GET", "HEAD")
 _ROUTES = ("/metrics", "/healthz", "/readyz")
 
 
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether the service can do its job, and what it does without (a shared server down)."""
+
+    ready: bool
+    degraded: tuple[str, ...] = ()
+    """One line per part that fails: the service still tests callers, with less."""
+
+    def response(self) -> Response:
+        """`/readyz`: 503 when not ready; 200 when ready, with what is degraded if anything.
+        Degraded is still ready: a replica that lost Redis tests callers as well as any other,
+        and taking them all out of a load balancer at once would leave none."""
+        if not self.ready:
+            return Response(HTTPStatus.SERVICE_UNAVAILABLE, b"not ready")
+        if self.degraded:
+            return Response(HTTPStatus.OK, ("degraded: " + "; ".join(self.degraded)).encode())
+        return Response(HTTPStatus.OK, b"ready")
+
+
 class OperatorHTTP:
     """Serves /metrics, /healthz and /readyz (GET and HEAD) on one listening address.
 
-    `ready` says whether the service can do its job (listeners bound, sink up). A client gets
+    `ready` says whether the service can do its job (listeners bound, sink up) and what it
+    does without. A client gets
     `request_line_timeout_s` to send its request line and `timeout_s` for the whole request
     (else 408), and `timeout_s` more to read the response. A newcomer beyond `max_connections`
     at once, or beyond `max_connections_per_source` from its address, takes the place of the
@@ -30,7 +51,7 @@ class OperatorHTTP:
         self,
         *,
         metrics: Metrics,
-        ready: Callable[[], bool],
+        ready: Callable[[], Readiness],
         timeout_s: float = 5.0,
         request_line_timeout_s: float = 1.0,
         max_connections: int = 32,
@@ -70,9 +91,7 @@ class OperatorHTTP:
             return Response(HTTPStatus.OK, body, content_type=content_type)
         if request.path == "/healthz":
             return Response(HTTPStatus.OK, b"ok")
-        if self._ready():
-            return Response(HTTPStatus.OK, b"ready")
-        return Response(HTTPStatus.SERVICE_UNAVAILABLE, b"not ready")
+        return self._ready().response()
 
     async def _handle(self, request: Request, exchange: Exchange) -> None:
         exchange.respond(self.respond(request))

@@ -153,7 +153,7 @@ class _RelayTest:
             if self.talk.session is not None:
                 self.talk.session.send_quit_and_close()
             if self.confirmer is not None:
-                self.confirmer.forget()
+                await self.confirmer.forget()
             raise
         finally:
             ptr.cancel()
@@ -163,11 +163,13 @@ class _RelayTest:
             try:
                 await self.confirmer.wait()
             finally:
-                self.confirmer.forget()
+                await self.confirmer.forget()
             if self.confirmer.registry_full:
                 self.emit(
                     Note("delivery confirmation was off for some probes: too many tests waiting")
                 )
+            if self.confirmer.registry_unavailable:
+                self.emit(Note("delivery confirmation unavailable: registry unreachable"))
         self.emit(
             RelayTestEnded(
                 incomplete=incomplete,
@@ -201,7 +203,7 @@ class _RelayTest:
     async def _run_probe(self, probe: Probe, context: ProbeContext) -> None:
         await self._checkpoint()
         self.emit(ProbeStarted(probe.name))
-        token = self.confirmer.token_for(probe.name) if self.confirmer else None
+        token = await self.confirmer.token_for(probe.name) if self.confirmer else None
         values = context.values(rcpt=canary.local_part(token) if token else "nobody")
         mail_from = render(probe.mail_from, values)
         rcpt_to = render(probe.rcpt_to, values)
@@ -274,10 +276,10 @@ class _RelayTest:
         """Send the test message of an accepted probe, then RSET; the probe's answer stands."""
         try:
             if outcome is Outcome.ACCEPTED and token is not None and self.confirmer is not None:
-                message = self.confirmer.message(
+                message = await self.confirmer.message(
                     token, sender=mail_from, recipient=rcpt_to, tested_host=context.host
                 )
-                if await self._send_message(message, token):
+                if message is not None and await self._send_message(message, token):
                     self.confirmer.taken(token)
             await self.talk.command("RSET")
         except SessionLost as exc:

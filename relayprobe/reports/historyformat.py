@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from relayprobe.relaytest.sanitize import sanitize_text
-from relayprobe.storage.store import COUNT_FIELDS, HistoryEntry
+from relayprobe.storage.schema import COUNT_FIELDS, HistoryEntry
 
 TABLE_HEADINGS = ("ID", "STARTED (UTC)", "TARGET", "VERDICT", "ACCEPTED", "DURATION")
 _RIGHT_ALIGNED = frozenset({"ID", "ACCEPTED", "DURATION"})

@@ -168,54 +168,54 @@ def test_message_lines_stay_short_with_long_values() -> None:
     assert max(len(line) for line in raw.split(b"\r\n")) < 300
 
 
-def test_registered_token_is_pending_until_it_arrives_once() -> None:
+async def test_registered_token_is_pending_until_it_arrives_once() -> None:
     registry = InMemoryRegistry()
-    assert not registry.is_pending(TOKEN)
-    registry.register(TOKEN, ttl=60)
-    assert registry.is_pending(TOKEN)
-    assert registry.mark_arrived(TOKEN, source=SOURCE)
-    assert not registry.is_pending(TOKEN)
-    assert not registry.mark_arrived(TOKEN, source=SOURCE)
-    assert not registry.mark_arrived("unknown000", source=SOURCE)
+    assert not await registry.is_pending(TOKEN)
+    await registry.register(TOKEN, ttl=60)
+    assert await registry.is_pending(TOKEN)
+    assert await registry.mark_arrived(TOKEN, source=SOURCE)
+    assert not await registry.is_pending(TOKEN)
+    assert not await registry.mark_arrived(TOKEN, source=SOURCE)
+    assert not await registry.mark_arrived("unknown000", source=SOURCE)
 
 
-def test_tokens_expire_after_their_ttl() -> None:
+async def test_tokens_expire_after_their_ttl() -> None:
     clock = FakeClock()
     registry = InMemoryRegistry(clock=clock)
-    registry.register("shortlived", ttl=10)
-    registry.register("longlived0", ttl=100)
+    await registry.register("shortlived", ttl=10)
+    await registry.register("longlived0", ttl=100)
     clock.now += 9.9
-    assert registry.is_pending("shortlived")
+    assert await registry.is_pending("shortlived")
     clock.now += 0.1
-    assert not registry.is_pending("shortlived")
-    assert not registry.mark_arrived("shortlived", source=SOURCE)
-    assert registry.is_pending("longlived0")
+    assert not await registry.is_pending("shortlived")
+    assert not await registry.mark_arrived("shortlived", source=SOURCE)
+    assert await registry.is_pending("longlived0")
     assert len(registry) == 1
 
 
-def test_forget_drops_tokens() -> None:
+async def test_forget_drops_tokens() -> None:
     registry = InMemoryRegistry()
-    registry.register("aaaaaaaaaa", ttl=60)
-    registry.register("bbbbbbbbbb", ttl=60)
-    registry.forget(["aaaaaaaaaa", "cccccccccc"])
-    assert not registry.is_pending("aaaaaaaaaa")
-    assert registry.is_pending("bbbbbbbbbb")
+    await registry.register("aaaaaaaaaa", ttl=60)
+    await registry.register("bbbbbbbbbb", ttl=60)
+    await registry.forget(["aaaaaaaaaa", "cccccccccc"])
+    assert not await registry.is_pending("aaaaaaaaaa")
+    assert await registry.is_pending("bbbbbbbbbb")
     assert len(registry) == 1
 
 
-def test_registry_is_bounded_and_purges_expired_tokens_when_full() -> None:
+async def test_registry_is_bounded_and_purges_expired_tokens_when_full() -> None:
     clock = FakeClock()
     registry = InMemoryRegistry(clock=clock, max_entries=3)
     for token in ("aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc"):
-        registry.register(token, ttl=10)
+        await registry.register(token, ttl=10)
     with pytest.raises(RegistryFull):
-        registry.register("dddddddddd", ttl=10)
-    registry.register("aaaaaaaaaa", ttl=20)  # renewing a token takes no room
+        await registry.register("dddddddddd", ttl=10)
+    await registry.register("aaaaaaaaaa", ttl=20)  # renewing a token takes no room
     clock.now += 10
-    registry.register("dddddddddd", ttl=10)
+    await registry.register("dddddddddd", ttl=10)
     assert len(registry) == 2
-    assert registry.is_pending("aaaaaaaaaa")
-    assert registry.is_pending("dddddddddd")
+    assert await registry.is_pending("aaaaaaaaaa")
+    assert await registry.is_pending("dddddddddd")
 
 
 def test_registry_rejects_a_useless_cap() -> None:
@@ -227,15 +227,15 @@ async def test_wait_reports_earlier_and_live_arrivals() -> None:
     clock = FakeClock()
     registry = InMemoryRegistry(clock=clock)
     for token in ("early00000", "late000000"):
-        registry.register(token, ttl=60)
+        await registry.register(token, ttl=60)
     clock.now += 1.5
-    registry.mark_arrived("early00000", source="192.0.2.1")
+    await registry.mark_arrived("early00000", source="192.0.2.1")
     seen: list[tuple[str, float, str]] = []
 
     async def arrive_later() -> None:
         await asyncio.sleep(0.01)
         clock.now += 2.0
-        registry.mark_arrived("late000000", source="2001:db8::2")
+        await registry.mark_arrived("late000000", source="2001:db8::2")
 
     arriving = asyncio.create_task(arrive_later())
     arrived = await registry.wait(
@@ -251,8 +251,8 @@ async def test_wait_reports_earlier_and_live_arrivals() -> None:
 async def test_wait_returns_the_partial_set_at_the_timeout() -> None:
     registry = InMemoryRegistry()
     for token in ("arrives000", "neverarriv"):
-        registry.register(token, ttl=60)
-    registry.mark_arrived("arrives000", source=SOURCE)
+        await registry.register(token, ttl=60)
+    await registry.mark_arrived("arrives000", source=SOURCE)
     seen: list[str] = []
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -268,7 +268,7 @@ async def test_wait_returns_the_partial_set_at_the_timeout() -> None:
 
 async def test_several_waiters_see_the_same_arrival() -> None:
     registry = InMemoryRegistry()
-    registry.register("shared0000", ttl=60)
+    await registry.register("shared0000", ttl=60)
     waiters = [
         asyncio.create_task(
             registry.wait(["shared0000"], timeout=5, on_arrival=lambda token, after_s, source: None)
@@ -276,29 +276,29 @@ async def test_several_waiters_see_the_same_arrival() -> None:
         for _ in range(3)
     ]
     await asyncio.sleep(0)
-    registry.mark_arrived("shared0000", source=SOURCE)
+    await registry.mark_arrived("shared0000", source=SOURCE)
     assert await asyncio.gather(*waiters) == [{"shared0000"}] * 3
 
 
 async def test_wait_ignores_arrivals_of_other_tokens() -> None:
     registry = InMemoryRegistry()
-    registry.register("mine000000", ttl=60)
-    registry.register("theirs0000", ttl=60)
+    await registry.register("mine000000", ttl=60)
+    await registry.register("theirs0000", ttl=60)
     waiting = asyncio.create_task(
         registry.wait(["mine000000"], timeout=0.1, on_arrival=lambda token, after_s, source: None)
     )
     await asyncio.sleep(0)
-    registry.mark_arrived("theirs0000", source=SOURCE)
+    await registry.mark_arrived("theirs0000", source=SOURCE)
     assert await waiting == set()
 
 
-def test_message_secrets_are_unforgeable_without_the_registry() -> None:
+async def test_message_secrets_are_unforgeable_without_the_registry() -> None:
     registry, other = InMemoryRegistry(), InMemoryRegistry()
-    secret = registry.message_secret(TOKEN)
+    secret = await registry.message_secret(TOKEN)
     assert len(secret) == 32 and set(secret) <= set("0123456789abcdef")
     # Stable for a token, so the sink can check it without storing it...
-    assert registry.message_secret(TOKEN) == secret
+    assert await registry.message_secret(TOKEN) == secret
     # ...but different for every token and under every registry's key.
-    assert registry.message_secret("m4n5p6q7r2") != secret
-    assert other.message_secret(TOKEN) != secret
+    assert await registry.message_secret("m4n5p6q7r2") != secret
+    assert await other.message_secret(TOKEN) != secret
     assert TOKEN not in secret

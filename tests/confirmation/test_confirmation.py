@@ -7,8 +7,12 @@ import contextlib
 import dataclasses
 import re
 import smtplib
+from collections.abc import Collection
 
-from relayprobe.app import canary_sink, new_registry
+import pytest
+
+from relayprobe.app import canary_sink, local_registry
+from relayprobe.confirmation.canary import ArrivalCallback, InMemoryRegistry, RegistryUnavailable
 from relayprobe.fakemx import FakeMailServer, relays_like_qmail, relays_nothing
 from relayprobe.operations.config import Endpoint, Settings
 from relayprobe.relaytest.engine import run_relay_test
@@ -33,7 +37,7 @@ async def confirmed_test(port: int, *, wait: float = 1.0) -> Transcript:
         confirm_wait=wait,
     )
     transcript = Transcript()
-    registry = new_registry(settings)
+    registry = local_registry(settings)
 
     def emit(event: Event) -> None:
         transcript.add(event)
@@ -88,7 +92,7 @@ async def test_relay_confirmed_when_a_message_arrives(start_server: StartServer)
     settings = dataclasses.replace(
         Settings(), sink_listen=Endpoint("127.0.0.1", 0), confirm_wait=1.0
     )
-    registry = new_registry(settings)
+    registry = local_registry(settings)
     transcript = Transcript()
     async with canary_sink(settings, registry) as sink:
         assert sink is not None
@@ -140,7 +144,7 @@ async def test_a_caller_delivering_its_own_tokens_does_not_confirm(
     settings = dataclasses.replace(
         Settings(), sink_listen=Endpoint("127.0.0.1", 0), confirm_wait=1.0
     )
-    registry = new_registry(settings)
+    registry = local_registry(settings)
     transcript = Transcript()
     forging: list[asyncio.Task[None]] = []
     async with canary_sink(settings, registry) as sink:
@@ -182,3 +186,101 @@ async def test_a_caller_delivering_its_own_tokens_does_not_confirm(
     assert summary.verdict == "accepted"
     assert not any(line.startswith(":Relayed:") for line in transcript.lines)
     assert transcript.lines[-2].startswith("Relay not confirmed: none of 12 test messages")
+
+
+class UnreachableRegistry(InMemoryRegistry):
+    """A registry that fails as a shared one does when its server is away: at `failing`."""
+
+    def __init__(self, failing: str) -> None:
+        super().__init__()
+        self.failing = failing
+        self.arrived: list[str] = []
+
+    async def register(self, token: str, *, ttl: float) -> None:
+        await super().register(token, ttl=ttl)
+        if self.failing == "register":
+            raise RegistryUnavailable("register: no answer")
+
+    async def message_secret(self, token: str) -> str:
+        if self.failing == "message_secret":
+            raise RegistryUnavailable("message_secret: no answer")
+        return await super().message_secret(token)
+
+    async def wait(
+        self, tokens: Collection[str], *, timeout: float, on_arrival: ArrivalCallback
+    ) -> set[str]:
+        first = next(iter(tokens))
+        if self.failing == "wait after an arrival":
+            on_arrival(first, 0.5, "192.0.2.25")
+            raise RegistryUnavailable("wait: no answer")
+        if self.failing == "wait":
+            raise RegistryUnavailable("wait: no answer")
+        return await super().wait(tokens, timeout=timeout, on_arrival=on_arrival)
+
+
+async def run_with(registry: InMemoryRegistry, start_server: StartServer) -> Transcript:
+    server = FakeMailServer(relay=lambda rcpt: b"%" in rcpt)
+    settings = dataclasses.replace(
+        Settings(),
+        target_port=await start_server(server),
+        sink_listen=Endpoint("127.0.0.1", 0),
+        confirm_wait=30.0,
+    )
+    transcript = Transcript()
+    await run_relay_test(
+        "127.0.0.1",
+        settings.test_options(),
+        transcript.add,
+        registry=registry,
+        ptr_lookup=no_ptr,
+    )
+    return transcript
+
+
+UNAVAILABLE = "Note: delivery confirmation unavailable: registry unreachable"
+
+
+@pytest.mark.parametrize("failing", ["register", "message_secret", "wait"])
+async def test_an_unreachable_registry_turns_confirmation_off_with_a_note(
+    start_server: StartServer, failing: str
+) -> None:
+    registry = UnreachableRegistry(failing)
+    async with asyncio.timeout(10):  # not the confirm wait of 30 s
+        transcript = await run_with(registry, start_server)
+    summary = transcript.summary
+    assert summary is not None and summary.verdict == "accepted"
+    waited = ":Waiting up to 30 s for relayed test messages ..." in transcript.lines
+    assert waited == (failing == "wait")
+    # Every probe runs; tokens stop at the registry's first failure, and a failed secret sends
+    # no test message.
+    rcpts = [line for line in transcript.lines if line.startswith(">>> RCPT TO:")]
+    with_token = sum("nobody-" in line for line in rcpts)
+    assert len(rcpts) == 20
+    if failing == "register":
+        assert with_token == 0
+    elif failing == "message_secret":
+        assert 0 < with_token < 20
+    else:
+        assert with_token == 20
+    messages = [line for line in transcript.lines if line.startswith(">>> (test message:")]
+    assert len(messages) == {"register": 0, "message_secret": 0, "wait": 3}[failing]
+    assert transcript.lines[-3:-1] == ["System appeared to accept 3 relay attempts", UNAVAILABLE]
+    assert transcript.lines[-1].endswith(
+        "only delivery proves relaying, and delivery confirmation is off"
+    )
+    # The tokens it holds are forgotten all the same, even one whose registration "failed".
+    assert len(registry) == 0
+
+
+async def test_an_arrival_before_the_registry_is_lost_still_confirms(
+    start_server: StartServer,
+) -> None:
+    transcript = await run_with(UnreachableRegistry("wait after an arrival"), start_server)
+    summary = transcript.summary
+    assert summary is not None and summary.verdict == "relayed"
+    assert transcript.lines[-3:] == [
+        "Relay confirmed: 1 of 3 test messages arrived (Test 8)",
+        UNAVAILABLE,
+        "Note: this is an open relay: it passed test messages on to a third party's domain; "
+        "the user guide shows how to close it",
+    ]

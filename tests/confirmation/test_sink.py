@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from benchmarks import sink_flood
-from relayprobe.confirmation.canary import CanaryRegistry, InMemoryRegistry
+from relayprobe.confirmation import sink as sink_module
+from relayprobe.confirmation.canary import CanaryRegistry, InMemoryRegistry, RegistryUnavailable
 from relayprobe.confirmation.sink import MAX_RECIPIENTS, CanarySink
 from relayprobe.confirmation.sinklimits import SinkLimits
 from relayprobe.confirmation.sinktls import sink_tls_context
@@ -36,10 +37,10 @@ def address(token: str, domain: str = DOMAIN) -> str:
     return f"nobody-{token}@{domain}"
 
 
-def proof_message(registry: CanaryRegistry, *tokens: str, extra: bytes = b"") -> bytes:
+async def proof_message(registry: CanaryRegistry, *tokens: str, extra: bytes = b"") -> bytes:
     """A message that went through the tested server: it carries the tokens' secrets."""
-    checks = b"".join(f"Check: {registry.message_secret(t)}\r\n".encode() for t in tokens)
-    return b"Subject: relayprobe relay test\r\n\r\n" + extra + checks
+    checks = [f"Check: {await registry.message_secret(t)}\r\n".encode() for t in tokens]
+    return b"Subject: relayprobe relay test\r\n\r\n" + extra + b"".join(checks)
 
 
 class FakeClock:
@@ -154,7 +155,7 @@ async def start_sink() -> AsyncIterator[StartSink]:
 
 async def test_unknown_token_and_wrong_domain_get_550(start_sink: StartSink) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     _, port = await start_sink(registry=registry, limits=SinkLimits(max_unknown_recipients=4))
     client, banner = await Client.connect(port)
     assert banner == 220
@@ -165,18 +166,18 @@ async def test_unknown_token_and_wrong_domain_get_550(start_sink: StartSink) -> 
     assert await client.command(f"RCPT TO:<postmaster@{DOMAIN}>") == 550
     assert await client.command(f'RCPT TO:<"{address(TOKEN)}">') == 550
     assert await client.command("DATA") == 503
-    assert registry.is_pending(TOKEN)
+    assert await registry.is_pending(TOKEN)
     await client.close()
 
 
 async def test_pending_token_is_accepted_once(start_sink: StartSink) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     delivered: list[None] = []
     sink, port = await start_sink(registry=registry, on_delivery=lambda: delivered.append(None))
     client, _ = await Client.connect(port)
-    assert await client.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
-    assert not registry.is_pending(TOKEN)
+    assert await client.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
+    assert not await registry.is_pending(TOKEN)
     assert sink.deliveries == 1
     assert delivered == [None]
     assert await client.command("MAIL FROM:<spamtest@mail.example.com>") == 250
@@ -189,19 +190,19 @@ async def test_pending_token_is_accepted_once(start_sink: StartSink) -> None:
 async def test_source_route_is_ignored(start_sink: StartSink) -> None:
     """RFC 5321 C: a relay may pass on `<@host:user@domain>`; the route is to be ignored."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     _, port = await start_sink(registry=registry)
     client, _ = await Client.connect(port)
     route = f"@mx.example.com:{address(TOKEN)}"
-    assert await client.send_message([route], proof_message(registry, TOKEN)) == 250
-    assert not registry.is_pending(TOKEN)
+    assert await client.send_message([route], await proof_message(registry, TOKEN)) == 250
+    assert not await registry.is_pending(TOKEN)
     await client.close()
 
 
 async def test_expired_token_gets_550(start_sink: StartSink) -> None:
     clock = FakeClock()
     registry = InMemoryRegistry(clock=clock)
-    registry.register(TOKEN, ttl=30)
+    await registry.register(TOKEN, ttl=30)
     _, port = await start_sink(registry=registry)
     client, _ = await Client.connect(port)
     assert await client.command("EHLO client.test") == 250
@@ -216,8 +217,8 @@ async def test_arrival_by_a_plain_smtp_client_wakes_the_waiting_test(
 ) -> None:
     clock = FakeClock()
     registry = InMemoryRegistry(clock=clock)
-    registry.register(TOKEN, ttl=60)
-    registry.register(OTHER_TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
+    await registry.register(OTHER_TOKEN, ttl=60)
     _, port = await start_sink(registry=registry)
     seen: list[tuple[str, float, str]] = []
     waiting = asyncio.create_task(
@@ -228,14 +229,13 @@ async def test_arrival_by_a_plain_smtp_client_wakes_the_waiting_test(
         )
     )
     clock.now += 2.5
+    message = await proof_message(registry, TOKEN, OTHER_TOKEN, extra=b".leading dot\r\n")
 
     def deliver() -> dict[str, tuple[int, bytes]]:
         # local_hostname: smtplib would otherwise ask socket.getfqdn(), a DNS lookup.
         with smtplib.SMTP("127.0.0.1", port, local_hostname="relay.test", timeout=WAIT) as smtp:
             return smtp.sendmail(
-                "spamtest@mail.example.com",
-                [address(TOKEN), address(OTHER_TOKEN)],
-                proof_message(registry, TOKEN, OTHER_TOKEN, extra=b".leading dot\r\n"),
+                "spamtest@mail.example.com", [address(TOKEN), address(OTHER_TOKEN)], message
             )
 
     assert await asyncio.to_thread(deliver) == {}
@@ -245,8 +245,8 @@ async def test_arrival_by_a_plain_smtp_client_wakes_the_waiting_test(
 
 async def test_waiter_gets_the_partial_set_at_its_timeout(start_sink: StartSink) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
-    registry.register(OTHER_TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
+    await registry.register(OTHER_TOKEN, ttl=60)
     _, port = await start_sink(registry=registry)
     waiting = asyncio.create_task(
         registry.wait(
@@ -254,21 +254,21 @@ async def test_waiter_gets_the_partial_set_at_its_timeout(start_sink: StartSink)
         )
     )
     client, _ = await Client.connect(port)
-    assert await client.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert await client.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
     await client.close()
     assert await waiting == {TOKEN}
-    assert registry.is_pending(OTHER_TOKEN)
+    assert await registry.is_pending(OTHER_TOKEN)
 
 
 async def test_oversize_message_gets_552_and_proves_nothing(start_sink: StartSink) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry, limits=SinkLimits(max_message_bytes=1024))
     client, _ = await Client.connect(port)
-    body = proof_message(registry, TOKEN, extra=(b"x" * 70 + b"\r\n") * 20)
+    body = await proof_message(registry, TOKEN, extra=(b"x" * 70 + b"\r\n") * 20)
     assert await client.send_message([address(TOKEN)], body) == 552
     assert await client.closed_by_sink()
-    assert registry.is_pending(TOKEN)
+    assert await registry.is_pending(TOKEN)
     assert sink.deliveries == 0
     announced, _ = await Client.connect(port)
     assert await announced.command("EHLO client.test") == 250
@@ -280,7 +280,7 @@ async def test_oversize_message_gets_552_and_proves_nothing(start_sink: StartSin
 async def test_a_message_past_the_limit_is_cut_off_at_once(start_sink: StartSink) -> None:
     """Finding 1: the sink once read on to the final dot, however much came, before its 552."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry, limits=SinkLimits(max_message_bytes=4096))
     client, _ = await Client.connect(port)
     assert await client.command("EHLO client.test") == 250
@@ -291,14 +291,14 @@ async def test_a_message_past_the_limit_is_cut_off_at_once(start_sink: StartSink
     client.writer.write((b"A" * 998 + b"\r\n") * 8)
     assert await client.reply() == 552
     assert await client.closed_by_sink()
-    assert registry.is_pending(TOKEN)
+    assert await registry.is_pending(TOKEN)
     assert sink.deliveries == 0
     await client.close()
 
 
 async def test_a_line_past_the_limit_ends_the_connection(start_sink: StartSink) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     _, port = await start_sink(registry=registry)
     client, _ = await Client.connect(port)
     assert await client.command("EHLO client.test") == 250
@@ -308,20 +308,20 @@ async def test_a_line_past_the_limit_ends_the_connection(start_sink: StartSink) 
     client.writer.write(b"A" * 2000 + b"\r\n.\r\n")
     assert await client.reply() == 500
     assert await client.closed_by_sink()
-    assert registry.is_pending(TOKEN)
+    assert await registry.is_pending(TOKEN)
     await client.close()
 
 
 async def test_message_bytes_are_paced_per_prefix(start_sink: StartSink) -> None:
     """Finding 1: one prefix streaming DATA once got all the reading the sink could do."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
-    registry.register(OTHER_TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
+    await registry.register(OTHER_TOKEN, ttl=60)
     limits = SinkLimits(message_bytes_per_second=8000)
     _, port = await start_sink(registry=registry, limits=limits)
     loop = asyncio.get_running_loop()
     # 12,000 bytes: 8,000 at once, the rest at 8,000 a second.
-    big = proof_message(registry, TOKEN, extra=(b"x" * 98 + b"\r\n") * 120)
+    big = await proof_message(registry, TOKEN, extra=(b"x" * 98 + b"\r\n") * 120)
     streamer, _ = await Client.connect(port, "127.0.0.2")
     started = loop.time()
     assert await streamer.send_message([address(TOKEN)], big) == 250
@@ -331,7 +331,7 @@ async def test_message_bytes_are_paced_per_prefix(start_sink: StartSink) -> None
     relay, _ = await Client.connect(port, "127.0.1.2")
     started = loop.time()
     assert (
-        await relay.send_message([address(OTHER_TOKEN)], proof_message(registry, OTHER_TOKEN))
+        await relay.send_message([address(OTHER_TOKEN)], await proof_message(registry, OTHER_TOKEN))
         == 250
     )
     assert loop.time() - started < paced / 2
@@ -341,7 +341,7 @@ async def test_message_bytes_are_paced_per_prefix(start_sink: StartSink) -> None
 
 async def test_recipients_per_message_are_capped(start_sink: StartSink) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     _, port = await start_sink(registry=registry)
     client, _ = await Client.connect(port)
     assert await client.command("EHLO client.test") == 250
@@ -354,7 +354,7 @@ async def test_recipients_per_message_are_capped(start_sink: StartSink) -> None:
 
 async def test_connections_beyond_the_cap_get_421(start_sink: StartSink) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     limits = SinkLimits(max_connections=2, reserved_connections=1)
     sink, port = await start_sink(registry=registry, limits=limits)
     # Each from its own /24: the share kept for new sources does not come into it.
@@ -386,7 +386,7 @@ async def test_a_sink_held_full_by_idle_connections_makes_room_for_a_relay(
     """Finding 5: 100 idle connections from 24 prefixes, every share used, once kept a relay
     out."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry)
     crowded = [f"127.8.{n}.{a}" for n in range(4) for a in (1, 2) for _ in range(10)]
     lone = [f"127.8.{10 + n}.1" for n in range(20)]
@@ -394,8 +394,8 @@ async def test_a_sink_held_full_by_idle_connections_makes_room_for_a_relay(
     assert [banner for _, banner in idle] == [220] * 100
     relay, banner = await Client.connect(port, "127.9.0.1")
     assert banner == 220
-    assert await relay.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
-    assert not registry.is_pending(TOKEN)
+    assert await relay.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
+    assert not await registry.is_pending(TOKEN)
     assert (sink.evicted, sink.refused) == (1, {})
     # The one evicted: the oldest connection of a prefix holding 20.
     oldest, _ = idle[0]
@@ -408,7 +408,7 @@ async def test_a_sink_held_full_by_idle_connections_makes_room_for_a_relay(
 async def test_a_connection_must_name_a_test_recipient_in_time(start_sink: StartSink) -> None:
     """Finding 5: kept alive with NOOP, an idle connection once held its slot for a minute."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry, limits=SinkLimits(recipient_timeout=0.3))
     idle, _ = await Client.connect(port, "127.0.0.2")
     relay, _ = await Client.connect(port, "127.0.1.2")
@@ -452,7 +452,7 @@ async def test_busy_connection_is_closed_at_its_total_time(start_sink: StartSink
 async def test_hostile_clients_leave_no_tasks_behind() -> None:
     tasks_before = asyncio.all_tasks()
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink = CanarySink(registry=registry, domain=DOMAIN, hostname="sink.test")
     _, port = await sink.start("127.0.0.1", 0)
 
@@ -493,13 +493,13 @@ async def test_hostile_clients_leave_no_tasks_behind() -> None:
     for _, writer in just_connected:
         writer.close()
     assert sink.connections == 0
-    assert registry.is_pending(TOKEN)
+    assert await registry.is_pending(TOKEN)
     assert asyncio.all_tasks() == tasks_before
 
 
 async def test_handler_failure_gets_451_and_the_session_goes_on(start_sink: StartSink) -> None:
     class BrokenRegistry(InMemoryRegistry):
-        def is_pending(self, token: str) -> bool:
+        async def is_pending(self, token: str) -> bool:
             raise KeyError(token)
 
     _, port = await start_sink(registry=BrokenRegistry())
@@ -511,11 +511,65 @@ async def test_handler_failure_gets_451_and_the_session_goes_on(start_sink: Star
     await client.close()
 
 
+class StalledRegistry(InMemoryRegistry):
+    """A shared registry as the sink sees it while its server is away: the methods named in
+    `stalling` raise `failure`, or hang when it is None."""
+
+    def __init__(self, failure: Exception | None) -> None:
+        super().__init__()
+        self.failure = failure
+        self.stalling: set[str] = set()
+
+    async def _stall(self, method: str) -> None:
+        if method not in self.stalling:
+            return
+        if self.failure is not None:
+            raise self.failure
+        await asyncio.Event().wait()
+
+    async def is_pending(self, token: str) -> bool:
+        await self._stall("is_pending")
+        return await super().is_pending(token)
+
+    async def message_secret(self, token: str) -> str:
+        await self._stall("message_secret")
+        return await super().message_secret(token)
+
+
+@pytest.mark.parametrize("failure", [RegistryUnavailable("no answer"), None])
+async def test_a_registry_down_or_hung_gets_451_at_rcpt_and_data(
+    start_sink: StartSink, monkeypatch: pytest.MonkeyPatch, failure: Exception | None
+) -> None:
+    monkeypatch.setattr(sink_module, "REGISTRY_TIMEOUT_S", 0.1)
+    registry = StalledRegistry(failure)
+    await registry.register(TOKEN, ttl=60)
+    message = await proof_message(registry, TOKEN)
+    sink, port = await start_sink(registry=registry)
+    client, _ = await Client.connect(port)
+    with structlog.testing.capture_logs() as logged:
+        registry.stalling = {"message_secret"}
+        assert await client.send_message([address(TOKEN)], message) == 451
+        registry.stalling = {"is_pending"}
+        assert await client.command("MAIL FROM:<spamtest@mail.example.com>") == 250
+        client.writer.write(f"RCPT TO:<{address(TOKEN)}>\r\n".encode())
+        assert await client.reader.readline() == (
+            b"451 4.3.0 Test registry unavailable, try again later\r\n"
+        )
+        assert await client.command("RSET") == 250
+        # The relay tries again later, and then the message counts; a 451 is no unknown
+        # recipient, and no error of the sink's (which would be a 451 too).
+        registry.stalling = set()
+        assert await client.send_message([address(TOKEN)], message) == 250
+    assert [entry["event"] for entry in logged] == ["canary_delivery"]
+    assert (sink.deliveries, sink.unproven) == (1, 0)
+    await client.close()
+
+
 async def test_nothing_received_reaches_the_logs_raw(
     start_sink: StartSink, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     _, port = await start_sink(registry=registry)
     caplog.set_level(logging.DEBUG)
     with structlog.testing.capture_logs() as structured:
@@ -527,7 +581,7 @@ async def test_nothing_received_reaches_the_logs_raw(
         assert await client.command("DATA") == 354
         client.writer.write(
             b"Subject: \x1b[31mred\r\n\r\n\x1b[2J\r\n"
-            + f"Check: {registry.message_secret(TOKEN)}\r\n.\r\n".encode()
+            + f"Check: {await registry.message_secret(TOKEN)}\r\n.\r\n".encode()
         )
         assert await client.reply() == 250
         assert await client.command("\x1b[2J") == 500
@@ -548,7 +602,7 @@ async def test_idle_connections_from_one_address_leave_room_for_a_relay(
 ) -> None:
     """Finding 5: with the defaults, 100 idle connections from one host once filled the sink."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry)
     idle: list[Client] = []
     banners: list[int] = []
@@ -558,8 +612,8 @@ async def test_idle_connections_from_one_address_leave_room_for_a_relay(
         idle.append(client)
     relay, banner = await Client.connect(port, "127.0.1.3")
     assert banner == 220
-    assert await relay.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
-    assert not registry.is_pending(TOKEN)
+    assert await relay.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
+    assert not await registry.is_pending(TOKEN)
     assert banners.count(220) == SinkLimits().max_connections_per_address
     assert sink.refused == {"address": 100 - SinkLimits().max_connections_per_address}
     for client in [*idle, relay]:
@@ -587,7 +641,7 @@ async def test_unknown_recipients_end_the_connection_and_throttle_the_prefix(
     """Finding 6: a flood of wrong RCPTs is cut off per connection, then per prefix."""
     clock = FakeClock()
     registry = InMemoryRegistry(clock=clock)
-    registry.register(TOKEN, ttl=600)
+    await registry.register(TOKEN, ttl=600)
     limits = SinkLimits(max_unknown_recipients=3, unknown_recipients_per_minute=10)
     sink, port = await start_sink(registry=registry, limits=limits, clock=clock)
 
@@ -617,7 +671,7 @@ async def test_unknown_recipients_end_the_connection_and_throttle_the_prefix(
     # Another prefix is not held up: a relay there delivers.
     relay, banner = await Client.connect(port, "127.0.1.2")
     assert banner == 220
-    assert await relay.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert await relay.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
     # The budget comes back at 10 a minute.
     clock.now += 6.0
     back, _ = await Client.connect(port, "127.0.0.5")
@@ -631,7 +685,7 @@ async def test_a_flooding_neighbour_does_not_keep_a_relay_out(start_sink: StartS
     connection from the /24 refused, so a relay there could deliver nothing."""
     clock = FakeClock()
     registry = InMemoryRegistry(clock=clock)
-    registry.register(TOKEN, ttl=600)
+    await registry.register(TOKEN, ttl=600)
     limits = SinkLimits(unknown_recipients_per_minute=3)
     sink, port = await start_sink(registry=registry, limits=limits, clock=clock)
     neighbour, _ = await Client.connect(port, "127.0.0.77")
@@ -642,8 +696,8 @@ async def test_a_flooding_neighbour_does_not_keep_a_relay_out(start_sink: StartS
     assert await neighbour.command(f"RCPT TO:<{address(OTHER_TOKEN)}>") == 421
     relay, banner = await Client.connect(port, "127.0.0.1")
     assert banner == 220
-    assert await relay.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
-    assert not registry.is_pending(TOKEN)
+    assert await relay.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
+    assert not await registry.is_pending(TOKEN)
     # The neighbour, back, is taken too, and refused at its first unknown recipient.
     again, banner = await Client.connect(port, "127.0.0.77")
     assert banner == 220
@@ -661,7 +715,7 @@ async def test_a_delivery_without_the_secret_is_not_an_arrival(
 ) -> None:
     """Finding 9: the caller sees its tokens, not their secrets, so it cannot confirm itself."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry)
     seen: list[tuple[str, str]] = []
     waiting = asyncio.create_task(
@@ -677,7 +731,7 @@ async def test_a_delivery_without_the_secret_is_not_an_arrival(
     with structlog.testing.capture_logs() as logged:
         code = await caller.send_message([address(TOKEN)], forged.encode() + b"\r\nhi\r\n")
     assert code == 554
-    assert registry.is_pending(TOKEN)
+    assert await registry.is_pending(TOKEN)
     assert (sink.deliveries, sink.unproven) == (0, 1)
     assert logged == [
         {
@@ -689,7 +743,7 @@ async def test_a_delivery_without_the_secret_is_not_an_arrival(
     ]
     # The session goes on, and the real message still counts, with who delivered it.
     relay, _ = await Client.connect(port, "127.0.0.3")
-    assert await relay.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert await relay.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
     assert await waiting == {TOKEN}
     assert seen == [(TOKEN, "127.0.0.3")]
     assert (sink.deliveries, sink.unproven) == (1, 1)
@@ -733,13 +787,13 @@ def common_name(name: x509.Name) -> str:
 async def test_plaintext_delivery_works_with_starttls_offered(start_sink: StartSink) -> None:
     """Most relays deliver in plaintext: STARTTLS is offered, never required."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry)
     client, _ = await Client.connect(port)
     assert b"STARTTLS" in await client.ehlo()
-    assert await client.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert await client.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
     assert sink.deliveries == 1
-    assert not registry.is_pending(TOKEN)
+    assert not await registry.is_pending(TOKEN)
     await client.close()
 
 
@@ -747,7 +801,7 @@ async def test_a_relay_delivers_over_starttls_to_the_throwaway_certificate(
     start_sink: StartSink,
 ) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry)
     client, _ = await Client.connect(port)
     assert b"STARTTLS" in await client.ehlo()
@@ -758,9 +812,9 @@ async def test_a_relay_delivers_over_starttls_to_the_throwaway_certificate(
     keywords = await client.ehlo()
     assert not any(keyword.startswith((b"STARTTLS", b"AUTH")) for keyword in keywords)
     assert await client.command("STARTTLS") == 503
-    assert await client.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert await client.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
     assert sink.deliveries == 1
-    assert not registry.is_pending(TOKEN)
+    assert not await registry.is_pending(TOKEN)
     assert await client.command("QUIT") == 221
     await client.close()
     await wait_for_no_connections(sink, within=WAIT)
@@ -781,15 +835,14 @@ async def test_a_relay_delivers_over_starttls_to_the_throwaway_certificate(
 
 async def test_smtplib_delivers_over_starttls(start_sink: StartSink) -> None:
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry)
+    message = await proof_message(registry, TOKEN)
 
     def deliver() -> dict[str, tuple[int, bytes]]:
         with smtplib.SMTP("127.0.0.1", port, local_hostname="relay.test", timeout=WAIT) as smtp:
             smtp.starttls(context=unverified_context())
-            return smtp.sendmail(
-                "spamtest@mail.example.com", [address(TOKEN)], proof_message(registry, TOKEN)
-            )
+            return smtp.sendmail("spamtest@mail.example.com", [address(TOKEN)], message)
 
     assert await asyncio.to_thread(deliver) == {}
     assert sink.deliveries == 1
@@ -826,14 +879,14 @@ async def test_the_operators_certificate_is_offered(start_sink: StartSink, tmp_p
     cert_file, key_file = operator_certificate(tmp_path, "mx.operator.test")
     tls = sink_tls_context(hostname="sink.test", cert_file=str(cert_file), key_file=str(key_file))
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     sink, port = await start_sink(registry=registry, tls=tls)
     client, _ = await Client.connect(port)
     await client.ehlo()
     certificate = peer_certificate(await client.starttls())
     assert common_name(certificate.subject) == "mx.operator.test"
     assert isinstance(certificate.public_key(), rsa.RSAPublicKey)
-    assert await client.send_message([address(TOKEN)], proof_message(registry, TOKEN)) == 250
+    assert await client.send_message([address(TOKEN)], await proof_message(registry, TOKEN)) == 250
     assert sink.deliveries == 1
     await client.close()
 
@@ -938,7 +991,7 @@ async def test_a_client_that_stalls_after_starttls_is_dropped_in_time() -> None:
 async def test_the_limits_hold_over_tls(start_sink: StartSink) -> None:
     """Deadlines and hang-ups speak TLS once it is on, and free the slot at once."""
     registry = InMemoryRegistry()
-    registry.register(TOKEN, ttl=60)
+    await registry.register(TOKEN, ttl=60)
     limits = SinkLimits(recipient_timeout=0.3, idle_timeout=0.5)
     sink, port = await start_sink(registry=registry, limits=limits)
     idle, _ = await Client.connect(port)

@@ -13,6 +13,7 @@ from relayprobe.frontdoors.access import (
     IPAddress,
     RateDecision,
     RateLimiter,
+    RateLimits,
     parse_network,
     unmap_ipv4,
 )
@@ -35,15 +36,18 @@ class FakeClock:
         self.now += seconds
 
 
+# Every rate limit off: tests turn on the ones they are about.
+UNLIMITED: dict[str, Any] = {
+    "per_address_interval": 0.0,
+    "per_prefix": 10**9,
+    "global_per_second": 1e9,
+    "global_burst": 10**9,
+}
+
+
 def limiter(clock: FakeClock, **overrides: Any) -> RateLimiter:
     """A limiter whose limits are all off unless `overrides` turns them on."""
-    unlimited: dict[str, Any] = {
-        "per_address_interval": 0.0,
-        "per_prefix": 10**9,
-        "global_per_second": 1e9,
-        "global_burst": 10**9,
-    }
-    return RateLimiter(**(unlimited | overrides), clock=clock)
+    return RateLimiter(**(UNLIMITED | overrides), clock=clock)
 
 
 # Access policy
@@ -172,6 +176,19 @@ def test_prefix_lengths_are_configurable() -> None:
     assert limits.check(ip("192.1.2.1")) == ALLOWED
     assert limits.check(ip("2001:db8:0:1::1")) == ALLOWED
     assert limits.check(ip("2001:db8:0:2::1")) == ALLOWED
+
+
+def test_rate_keys_name_the_address_and_its_prefix() -> None:
+    limits = RateLimits(ipv4_prefix=24, ipv6_prefix=56)
+    assert [str(key) for key in limits.keys(ip("::ffff:192.0.2.77"))] == [
+        "address:192.0.2.77/32",
+        "prefix:192.0.2.0/24",
+    ]
+    assert [str(key) for key in limits.keys(ip("2001:db8:0:1ff::1"))] == [
+        "address:2001:db8:0:1ff::1/128",
+        "prefix:2001:db8:0:100::/56",
+    ]
+    assert str(RateLimits(ipv4_prefix=0).keys(ip("192.0.2.1"))[1]) == "prefix:0.0.0.0/0"
 
 
 def test_ipv4_mapped_counts_as_ipv4() -> None:

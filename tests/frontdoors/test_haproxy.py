@@ -62,7 +62,7 @@ class HAProxyStarter:
     async def __call__(self, app: Application, version: ProxyVersion) -> Endpoint:
         """Start HAProxy in front of `app`; return where callers connect."""
         return await self.stack.enter_async_context(
-            running_haproxy(self.directory, backend=app.listening[0], proxy_version=version)
+            running_haproxy(self.directory, backends=app.listening[:1], proxy_version=version)
         )
 
 

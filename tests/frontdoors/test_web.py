@@ -16,7 +16,8 @@ from relayprobe.frontdoors.core import EndReason, SessionCore
 from relayprobe.frontdoors.telnet import ReflectorService
 from relayprobe.frontdoors.web import WebFrontDoor
 from relayprobe.operations.config import Endpoint, Settings
-from relayprobe.reports.result import TestResult
+from relayprobe.reports.result import TestResult, new_result_id
+from relayprobe.storage.history import HistoryUnavailableError
 from tests.conftest import StartServer
 
 Reply = tuple[int, dict[str, str], bytes]
@@ -31,7 +32,7 @@ async def start_door() -> AsyncIterator[StartDoor]:
     async def start(
         target_port: int,
         *,
-        results: dict[str, dict[str, Any]] | None = None,
+        results: dict[str, dict[str, Any] | Exception] | None = None,
         on_result: Callable[[TestResult], None] | None = None,
         **changes: object,
     ) -> Door:
@@ -41,7 +42,10 @@ async def start_door() -> AsyncIterator[StartDoor]:
         settings = dataclasses.replace(base, target_port=target_port, **changes)  # type: ignore[arg-type]
 
         async def find(result_id: str) -> dict[str, Any] | None:
-            return (results or {}).get(result_id)
+            found = (results or {}).get(result_id)
+            if isinstance(found, Exception):
+                raise found
+            return found
 
         door = WebFrontDoor(SessionCore(settings, on_result=on_result), results=find)
         (endpoint,) = await door.start((Endpoint("127.0.0.1", 0),))
@@ -315,6 +319,18 @@ async def test_stored_results_are_pages_and_json_and_404_otherwise(
     assert b"System appeared to accept 12 relay attempts" in body
     for path in ("/results/unknownunknownunknown1", "/results/x.json", "/metrics", "/healthz"):
         assert (await request(endpoint, f"GET {path} HTTP/1.1\nHost: x"))[0] == 404
+
+
+async def test_a_result_the_history_cannot_read_now_is_503_with_retry_after(
+    start_door: StartDoor,
+) -> None:
+    result_id = new_result_id()
+    unavailable = HistoryUnavailableError("the history is unavailable: connection refused")
+    _, endpoint = await start_door(1, results={result_id: unavailable})
+    for path in (f"/results/{result_id}", f"/results/{result_id}.json"):
+        status, headers, body = await request(endpoint, f"GET {path} HTTP/1.1\nHost: x")
+        assert (status, headers["retry-after"]) == (503, "60")
+        assert body == b"The result history is unavailable for now, try again in a minute\n"
 
 
 async def test_x_forwarded_for_from_a_trusted_proxy_names_the_caller(

@@ -1,9 +1,9 @@
-"""A real HAProxy in TCP mode for one test, in front of a backend that takes the PROXY protocol.
+"""A real HAProxy in TCP mode for one test, in front of backends that take the PROXY protocol.
 
 `running_haproxy` writes a configuration into a test's directory, runs `haproxy -f CFG -db` in
 the foreground on a free loopback port, returns once that port listens and stops HAProxy when
-the block ends. HAProxy checks nothing on its own (no health checks), so the backend sees only
-the connections a test makes.
+the block ends. Connections go to the backends in turn (round robin). HAProxy checks nothing on
+its own (no health checks), so the backends see only the connections a test makes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -40,8 +40,10 @@ def haproxy_available() -> str | None:
     return None
 
 
-def haproxy_config(*, frontend: Endpoint, backend: Endpoint, proxy_version: ProxyVersion) -> str:
-    """A TCP-mode configuration relaying `frontend` to `backend` with a PROXY header."""
+def haproxy_config(
+    *, frontend: Endpoint, backends: Sequence[Endpoint], proxy_version: ProxyVersion
+) -> str:
+    """A TCP-mode configuration relaying `frontend` to `backends` in turn with a PROXY header."""
     return "\n".join(
         [
             "global",
@@ -55,7 +57,11 @@ def haproxy_config(*, frontend: Endpoint, backend: Endpoint, proxy_version: Prox
             f"    bind {frontend}",
             "    default_backend reflector",
             "backend reflector",
-            f"    server reflector {backend} {SERVER_OPTIONS[proxy_version]}",
+            "    balance roundrobin",
+            *(
+                f"    server reflector{number} {backend} {SERVER_OPTIONS[proxy_version]}"
+                for number, backend in enumerate(backends)
+            ),
             "",
         ]
     )
@@ -88,15 +94,15 @@ def is_listening(endpoint: Endpoint) -> bool:
 async def running_haproxy(
     directory: Path,
     *,
-    backend: Endpoint,
+    backends: Sequence[Endpoint],
     proxy_version: ProxyVersion,
     host: str = "127.0.0.1",
 ) -> AsyncIterator[Endpoint]:
-    """Run HAProxy relaying to `backend` while in the block; yield the address it listens on."""
+    """Run HAProxy relaying to `backends` while in the block; yield the address it listens on."""
     frontend = Endpoint(host, free_port(host))
     config = directory / f"haproxy-v{proxy_version}.cfg"
     config.write_text(
-        haproxy_config(frontend=frontend, backend=backend, proxy_version=proxy_version)
+        haproxy_config(frontend=frontend, backends=backends, proxy_version=proxy_version)
     )
     output = directory / f"haproxy-v{proxy_version}.log"
     with output.open("wb") as log:

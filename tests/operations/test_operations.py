@@ -27,6 +27,7 @@ from relayprobe.operations.config import Endpoint, Settings
 from relayprobe.operations.metrics import REFUSAL_REASONS, VERDICTS
 from relayprobe.storage.store import DATABASE_NAME, HistoryStore
 from tests.infra.command import Completed, environment, relayprobe
+from tests.infra.dataservers import PostgresServer
 from tests.infra.haproxy import free_port
 
 VERDICT_LINE = "System appeared to reject relay attempts"
@@ -491,7 +492,7 @@ async def test_an_unwritable_state_dir_fails_the_start_unless_history_is_off(
             pytest.fail("the service started without a usable history")
     assert raised.value.strerror.startswith(f"history: cannot write in {state_dir}: ")
     async with running_app(history=False, state_dir=state_dir) as app:
-        assert app.ready()
+        assert app.ready().ready
 
 
 def one_line_of_error(completed: Completed) -> str:
@@ -510,6 +511,25 @@ async def test_serve_with_an_unwritable_state_dir_says_so_in_one_line(tmp_path: 
     assert one_line_of_error(served) == (
         f"relayprobe serve: history: cannot write in {state_dir}: Not a directory; give"
         " --state-dir a directory the service may write, or --no-history"
+    )
+
+
+async def test_serve_with_a_database_that_refuses_it_says_so_in_one_line(
+    postgres: PostgresServer,
+) -> None:
+    """A wrong database (or user, or password) is the operator's mistake, not an outage: the
+    service stops at once instead of running degraded for ever."""
+    url = postgres.url.rsplit("/", 1)[0] + "/nosuchdb"
+    listen = str(Endpoint("127.0.0.1", free_port("127.0.0.1")))
+    served = await relayprobe("serve", "--listen", listen, "--database-url", url)
+    line = one_line_of_error(served)
+    assert line.startswith(
+        f"relayprobe serve: history: cannot write in PostgreSQL database nosuchdb on "
+        f"127.0.0.1:{postgres.port}: "
+    )
+    assert 'database "nosuchdb" does not exist' in line
+    assert line.endswith(
+        "; check --database-url and that the database accepts this user, or --no-history"
     )
 
 

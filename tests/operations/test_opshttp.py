@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relayprobe.frontdoors.httpserver import Request
 from relayprobe.operations.metrics import Metrics
-from relayprobe.operations.opshttp import OperatorHTTP
+from relayprobe.operations.opshttp import OperatorHTTP, Readiness
 from tests.frontdoors.test_httpserver import (
     close_all,
     exchange_bytes,
@@ -23,12 +23,13 @@ from tests.frontdoors.test_httpserver import (
 )
 
 
-class Readiness:
+class SwitchedReadiness:
     def __init__(self) -> None:
         self.ready = False
+        self.degraded: tuple[str, ...] = ()
 
-    def __call__(self) -> bool:
-        return self.ready
+    def __call__(self) -> Readiness:
+        return Readiness(self.ready, self.degraded)
 
 
 @pytest.fixture
@@ -37,8 +38,8 @@ def metrics() -> Metrics:
 
 
 @pytest.fixture
-def readiness() -> Readiness:
-    return Readiness()
+def readiness() -> SwitchedReadiness:
+    return SwitchedReadiness()
 
 
 # Routing
@@ -48,7 +49,7 @@ def get(path: str, method: str = "GET") -> Request:
     return Request(method, path, (("host", "x"),), ipaddress.IPv4Address("127.0.0.1"))
 
 
-def test_routes(metrics: Metrics, readiness: Readiness) -> None:
+def test_routes(metrics: Metrics, readiness: SwitchedReadiness) -> None:
     endpoint = OperatorHTTP(metrics=metrics, ready=readiness)
     answers = {
         path: (response.status, response.body)
@@ -64,7 +65,7 @@ def test_routes(metrics: Metrics, readiness: Readiness) -> None:
     }
 
 
-def test_readyz_follows_the_callback(metrics: Metrics, readiness: Readiness) -> None:
+def test_readyz_follows_the_callback(metrics: Metrics, readiness: SwitchedReadiness) -> None:
     endpoint = OperatorHTTP(metrics=metrics, ready=readiness)
     readiness.ready = True
     assert endpoint.respond(get("/readyz")).body == b"ready"
@@ -72,12 +73,27 @@ def test_readyz_follows_the_callback(metrics: Metrics, readiness: Readiness) -> 
     assert endpoint.respond(get("/readyz")).status == 503
 
 
-def test_query_string_is_ignored(metrics: Metrics, readiness: Readiness) -> None:
+def test_readyz_says_what_is_degraded_and_stays_ready(
+    metrics: Metrics, readiness: SwitchedReadiness
+) -> None:
+    endpoint = OperatorHTTP(metrics=metrics, ready=readiness)
+    readiness.ready = True
+    readiness.degraded = ("registry: no answer within 0.2 s", "rate limits: per replica")
+    response = endpoint.respond(get("/readyz"))
+    assert (response.status, response.body) == (
+        200,
+        b"degraded: registry: no answer within 0.2 s; rate limits: per replica",
+    )
+    readiness.ready = False
+    assert endpoint.respond(get("/readyz")).body == b"not ready"
+
+
+def test_query_string_is_ignored(metrics: Metrics, readiness: SwitchedReadiness) -> None:
     response = OperatorHTTP(metrics=metrics, ready=readiness).respond(get("/metrics?format=x"))
     assert (response.status, response.content_type) == (200, metrics.exposition()[1])
 
 
-def test_other_methods_are_405_with_allow(metrics: Metrics, readiness: Readiness) -> None:
+def test_other_methods_are_405_with_allow(metrics: Metrics, readiness: SwitchedReadiness) -> None:
     endpoint = OperatorHTTP(metrics=metrics, ready=readiness)
     for method in ("POST", "DELETE", "OPTIONS"):
         response = endpoint.respond(get("/metrics", method))
@@ -91,7 +107,7 @@ Start = Callable[..., Awaitable[tuple[OperatorHTTP, int]]]
 
 
 @pytest.fixture
-async def start(metrics: Metrics, readiness: Readiness) -> AsyncIterator[Start]:
+async def start(metrics: Metrics, readiness: SwitchedReadiness) -> AsyncIterator[Start]:
     servers: list[OperatorHTTP] = []
 
     async def start(**options: Any) -> tuple[OperatorHTTP, int]:
@@ -126,7 +142,7 @@ async def test_metrics_are_served_as_prometheus_text(start: Start, metrics: Metr
     assert values["relayprobe_refusals_total", (("reason", "access"),)] == 0
 
 
-async def test_health_and_readiness_over_http(start: Start, readiness: Readiness) -> None:
+async def test_health_and_readiness_over_http(start: Start, readiness: SwitchedReadiness) -> None:
     _, port = await start()
     assert (await request(port, "GET", "/healthz"))[::2] == (200, b"ok")
     assert (await request(port, "GET", "/readyz"))[::2] == (503, b"not ready")
@@ -166,7 +182,7 @@ async def assert_ready_within_1s(port: int) -> None:
 
 
 async def test_health_check_is_answered_during_a_slowloris_from_its_own_address(
-    start: Start, readiness: Readiness
+    start: Start, readiness: SwitchedReadiness
 ) -> None:
     readiness.ready = True
     _, port = await start()
@@ -180,7 +196,7 @@ async def test_health_check_is_answered_during_a_slowloris_from_its_own_address(
 
 
 async def test_health_check_is_answered_during_a_slowloris_from_many_addresses(
-    start: Start, readiness: Readiness
+    start: Start, readiness: SwitchedReadiness
 ) -> None:
     readiness.ready = True
     _, port = await start()
@@ -210,7 +226,7 @@ class HugeMetrics(Metrics):
 
 
 async def test_with_every_slot_answering_a_newcomer_is_told_busy_not_unready(
-    readiness: Readiness,
+    readiness: SwitchedReadiness,
 ) -> None:
     server = OperatorHTTP(metrics=HugeMetrics(), ready=readiness, max_connections=1)
     _, port = await server.start("127.0.0.1", 0)
@@ -253,10 +269,10 @@ async def test_stop_drops_open_connections_quietly(
 
 def test_rejects_invalid_options(metrics: Metrics) -> None:
     with pytest.raises(ValueError, match="timeout_s"):
-        OperatorHTTP(metrics=metrics, ready=lambda: True, timeout_s=0)
+        OperatorHTTP(metrics=metrics, ready=lambda: Readiness(True), timeout_s=0)
     with pytest.raises(ValueError, match="request_line_timeout_s"):
-        OperatorHTTP(metrics=metrics, ready=lambda: True, request_line_timeout_s=0)
+        OperatorHTTP(metrics=metrics, ready=lambda: Readiness(True), request_line_timeout_s=0)
     with pytest.raises(ValueError, match="max_connections "):
-        OperatorHTTP(metrics=metrics, ready=lambda: True, max_connections=0)
+        OperatorHTTP(metrics=metrics, ready=lambda: Readiness(True), max_connections=0)
     with pytest.raises(ValueError, match="max_connections_per_source"):
-        OperatorHTTP(metrics=metrics, ready=lambda: True, max_connections_per_source=0)
+        OperatorHTTP(metrics=metrics, ready=lambda: Readiness(True), max_connections_per_source=0)

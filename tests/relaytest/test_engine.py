@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from relayprobe.confirmation.canary import InMemoryRegistry
 from relayprobe.confirmation.sinktls import sink_tls_context
 from relayprobe.fakemx import (
     SILENCE,
@@ -19,7 +20,7 @@ from relayprobe.fakemx import (
 )
 from relayprobe.relaytest import conversation
 from relayprobe.relaytest.engine import RelayTestOptions, run_relay_test
-from relayprobe.relaytest.events import Event, Outcome, Received, Summary
+from relayprobe.relaytest.events import Event, Outcome, Progress, Received, Summary
 from relayprobe.reports.render import Transcript
 from tests.conftest import StartServer
 
@@ -412,6 +413,33 @@ async def test_cancelled_test_says_quit_and_closes_at_once(start_server: StartSe
     await asyncio.wait_for(server.closed.wait(), 1.0)
     assert time.monotonic() - cancelled_at < 1.0
     assert server.commands[-1] == b"QUIT"
+
+
+@pytest.mark.parametrize("during", ["probes", "confirm wait"])
+async def test_a_cancelled_test_forgets_its_tokens(start_server: StartServer, during: str) -> None:
+    port = await start_server(FakeMailServer(relay=relays_everything, reply_delay=0.01))
+    registry = InMemoryRegistry()
+    waiting = asyncio.Event()
+
+    def emit(event: Event) -> None:
+        if isinstance(event, Progress) and event.text.startswith("Waiting up to"):
+            waiting.set()
+
+    options = RelayTestOptions(port=port, reply_timeout=2.0, confirm_wait=30.0)
+    task = asyncio.create_task(
+        run_relay_test("127.0.0.1", options, emit, registry=registry, ptr_lookup=no_ptr)
+    )
+    async with asyncio.timeout(10):
+        if during == "probes":
+            while len(registry) < 3:
+                await asyncio.sleep(0.01)
+        else:
+            await waiting.wait()
+    assert len(registry) > 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(registry) == 0
 
 
 async def test_ipv6_target(start_server: StartServer) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relayprobe.app import Application, canary_sink, new_registry
+from relayprobe.app import Application, canary_sink, local_registry
 from relayprobe.operations.config import Endpoint, Settings
 from relayprobe.relaytest.engine import run_relay_test
 from relayprobe.relaytest.events import Event, Outcome, Relayed
@@ -43,7 +43,7 @@ async def relay_test(
         events.append(event)
         transcript.add(event)
 
-    registry = new_registry(settings)
+    registry = local_registry(settings)
     started = time.monotonic()
     async with canary_sink(settings, registry):
         await run_relay_test(target, settings.test_options(), emit, registry=registry)

@@ -11,10 +11,10 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -22,14 +22,16 @@ from hypothesis import strategies as st
 from relayprobe.relaytest.events import Outcome, ProbeFinished, Summary
 from relayprobe.reports.render import json_result
 from relayprobe.reports.result import RESULT_ID_BYTES, TestResult, new_result_id
-from relayprobe.storage.store import (
-    DATABASE_NAME,
+from relayprobe.storage.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    DuplicateResultError,
+    HistoryBackend,
     HistoryEntry,
     HistorySchemaError,
-    HistoryStore,
 )
+from relayprobe.storage.store import DATABASE_NAME, HistoryStore
+from tests.storage.conftest import ENGINES, Database, database_of
 
 NOW = datetime.datetime(2026, 11, 29, 18, 0, tzinfo=datetime.UTC)
 DEADLINE_S = 10.0
@@ -75,22 +77,16 @@ def changed(result: TestResult, **changes: Any) -> TestResult:
     return dataclasses.replace(result, summary=dataclasses.replace(result.summary, **changes))
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[HistoryStore]:
-    with HistoryStore(tmp_path / "state") as opened:
-        yield opened
-
-
-def saved_entry(store: HistoryStore, result: TestResult) -> HistoryEntry:
+def saved_entry(store: HistoryBackend, result: TestResult) -> HistoryEntry:
     entry = store.get(store.save(result))
     assert entry is not None
     return entry
 
 
-# HistoryStore
+# Both backends (the `store` and `database` fixtures of conftest.py take each in turn)
 
 
-def test_round_trip_of_a_result(store: HistoryStore) -> None:
+def test_round_trip_of_a_result(store: HistoryBackend) -> None:
     probe = ProbeFinished("1", "<a@example.org>", "<b@example.net>", Outcome.ACCEPTED, "250 ok")
     summary = Summary(
         target="192.0.2.4",
@@ -115,7 +111,7 @@ def test_round_trip_of_a_result(store: HistoryStore) -> None:
     assert store.get(entry_id + 1) is None
 
 
-def test_recent_is_newest_first_and_limited(store: HistoryStore) -> None:
+def test_recent_is_newest_first_and_limited(store: HistoryBackend) -> None:
     ids = [store.save(make_result(accepted=number)) for number in range(5)]
 
     assert [entry.id for entry in store.recent(limit=3)] == ids[::-1][:3]
@@ -124,7 +120,7 @@ def test_recent_is_newest_first_and_limited(store: HistoryStore) -> None:
         store.recent(limit=0)
 
 
-def test_recent_filters_by_normalised_address(store: HistoryStore) -> None:
+def test_recent_filters_by_normalised_address(store: HistoryBackend) -> None:
     v6_first = store.save(make_result(target="2001:db8::4"))
     store.save(make_result(target="192.0.2.4"))
     v6_second = store.save(make_result(target="2001:DB8:0:0::4"))
@@ -138,29 +134,29 @@ def test_recent_filters_by_normalised_address(store: HistoryStore) -> None:
     assert store.recent(address="198.51.100.1", limit=10) == []
 
 
-def test_recent_refuses_what_is_not_an_address(store: HistoryStore) -> None:
+def test_recent_refuses_what_is_not_an_address(store: HistoryBackend) -> None:
     with pytest.raises(ValueError, match="does not appear to be"):
         store.recent(address="mail.example.com", limit=10)
 
 
 @pytest.mark.parametrize("entry_id", [0, -1, 2**63, 10**30])
-def test_get_of_a_row_number_no_row_can_have_is_none(store: HistoryStore, entry_id: int) -> None:
+def test_get_of_a_row_number_no_row_can_have_is_none(store: HistoryBackend, entry_id: int) -> None:
     store.save(make_result())
 
     assert store.get(entry_id) is None
 
 
-def test_results_survive_close_and_reopen(tmp_path: Path) -> None:
-    with HistoryStore(tmp_path) as first:
+def test_results_survive_close_and_reopen(database: Database) -> None:
+    with database.open() as first:
         entry_id = first.save(make_result(verdict="relayed", accepted=2))
         saved = first.get(entry_id)
 
-    with HistoryStore(tmp_path) as second:
+    with database.open() as second:
         assert second.get(entry_id) == saved
         assert second.save(make_result()) == entry_id + 1
 
 
-def test_prune_removes_what_is_older_than_the_retention(store: HistoryStore) -> None:
+def test_prune_removes_what_is_older_than_the_retention(store: HistoryBackend) -> None:
     old = store.save(make_result(started_at=NOW - datetime.timedelta(days=91)))
     kept_old = store.save(make_result(started_at=NOW - datetime.timedelta(days=89, hours=23)))
     kept_new = store.save(make_result(started_at=NOW))
@@ -171,7 +167,7 @@ def test_prune_removes_what_is_older_than_the_retention(store: HistoryStore) -> 
     assert store.prune(older_than_days=90, now=NOW) == 0
 
 
-def test_ids_are_not_reused_after_a_prune(store: HistoryStore) -> None:
+def test_ids_are_not_reused_after_a_prune(store: HistoryBackend) -> None:
     store.save(make_result(started_at=NOW - datetime.timedelta(days=100)))
     newest = store.save(make_result(started_at=NOW - datetime.timedelta(days=100)))
     store.prune(older_than_days=90, now=NOW)
@@ -179,12 +175,82 @@ def test_ids_are_not_reused_after_a_prune(store: HistoryStore) -> None:
     assert store.save(make_result()) == newest + 1
 
 
-def test_prune_and_lookup_need_an_aware_time(store: HistoryStore) -> None:
+def test_prune_and_lookup_need_an_aware_time(store: HistoryBackend) -> None:
     naive = datetime.datetime(2026, 1, 1)
     with pytest.raises(ValueError, match="time zone"):
         store.prune(older_than_days=1, now=naive)
     with pytest.raises(ValueError, match="time zone"):
         store.by_public_id(new_result_id(), now=naive, retention_days=1)
+
+
+def test_a_newer_schema_is_refused(database: Database) -> None:
+    database.open().close()
+    database.execute(f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")
+
+    with pytest.raises(HistorySchemaError, match="newer"):
+        database.open()
+
+
+# Batches
+
+# Makes the database refuse a result whose verdict is "boom", past the backend's own checks.
+REFUSE_BOOM = {
+    "sqlite": "CREATE TRIGGER refuse_boom BEFORE INSERT ON results WHEN NEW.verdict = 'boom'"
+    " BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
+    "postgres": "ALTER TABLE results ADD CONSTRAINT refuse_boom CHECK (verdict <> 'boom')",
+}
+
+
+def test_a_batch_says_what_became_of_each_result(store: HistoryBackend) -> None:
+    stored_before, twice = new_result_id(), new_result_id()
+    store.save(make_result(result_id=stored_before))
+
+    outcomes = store.save_batch(
+        [
+            make_result(accepted=1),
+            make_result(target="mail.example.com"),
+            make_result(result_id=twice, accepted=2),
+            make_result(result_id=twice, accepted=3),
+            make_result(result_id=stored_before, accepted=4),
+            make_result(accepted=5),
+        ]
+    )
+
+    first, not_an_address, once, again, stored_again, last = outcomes
+    assert isinstance(first, int)
+    assert isinstance(once, int)
+    assert isinstance(last, int)
+    assert first < once < last
+    assert isinstance(not_an_address, ValueError)
+    assert "does not appear to be" in str(not_an_address)
+    assert isinstance(again, DuplicateResultError)
+    assert isinstance(stored_again, DuplicateResultError)
+    assert [entry.accepted for entry in store.recent(limit=10)] == [5, 2, 1, 0]
+    assert [entry.id for entry in store.recent(limit=3)] == [last, once, first]
+
+
+def test_a_batch_is_one_transaction(database: Database, store: HistoryBackend) -> None:
+    database.execute(REFUSE_BOOM[database.engine])
+
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.CheckViolation)):
+        store.save_batch([make_result(accepted=1), make_result(verdict="boom"), make_result()])
+
+    assert store.recent(limit=10) == []
+    store.save(make_result(accepted=2))
+    assert [entry.accepted for entry in store.recent(limit=10)] == [2]
+
+
+def test_a_batch_of_only_refused_results_stores_nothing(store: HistoryBackend) -> None:
+    outcomes = store.save_batch(
+        [make_result(target="mail.example.com"), make_result(result_id="1")]
+    )
+
+    assert [type(outcome) for outcome in outcomes] == [ValueError, ValueError]
+    assert store.save_batch([]) == []
+    assert store.recent(limit=10) == []
+
+
+# SQLite
 
 
 def test_schema_version_wal_and_private_directory(tmp_path: Path) -> None:
@@ -206,16 +272,6 @@ def test_schema_version_wal_and_private_directory(tmp_path: Path) -> None:
         connection.close()
 
 
-def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    HistoryStore(tmp_path).close()
-    connection = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
-    connection.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
-    connection.close()
-
-    with pytest.raises(HistorySchemaError, match="newer"):
-        HistoryStore(tmp_path)
-
-
 @pytest.mark.parametrize(
     ("result", "message"),
     [
@@ -227,7 +283,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_save_refuses_a_result_it_cannot_store(
-    store: HistoryStore, result: TestResult, message: str
+    store: HistoryBackend, result: TestResult, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         store.save(result)
@@ -237,7 +293,7 @@ def test_save_refuses_a_result_it_cannot_store(
 # Public IDs
 
 
-def test_save_gives_every_result_a_public_id_of_its_own(store: HistoryStore) -> None:
+def test_save_gives_every_result_a_public_id_of_its_own(store: HistoryBackend) -> None:
     for _ in range(20):
         store.save(make_result())
 
@@ -250,7 +306,7 @@ def test_save_gives_every_result_a_public_id_of_its_own(store: HistoryStore) -> 
         assert entry.result["id"] == entry.public_id
 
 
-def test_save_stores_the_result_id_it_is_given(store: HistoryStore) -> None:
+def test_save_stores_the_result_id_it_is_given(store: HistoryBackend) -> None:
     result = make_result(result_id=new_result_id())
 
     entry = saved_entry(store, result)
@@ -259,16 +315,16 @@ def test_save_stores_the_result_id_it_is_given(store: HistoryStore) -> None:
     assert entry.result == result.to_json()
 
 
-def test_a_public_id_is_stored_once(store: HistoryStore) -> None:
+def test_a_public_id_is_stored_once(store: HistoryBackend) -> None:
     result = make_result(result_id=new_result_id())
     store.save(result)
 
-    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+    with pytest.raises(DuplicateResultError, match=f"public ID {result.result_id} is stored"):
         store.save(changed(result, target="192.0.2.5"))
     assert [entry.target for entry in store.recent(limit=10)] == ["192.0.2.4"]
 
 
-def test_by_public_id_finds_the_entry_and_only_it(store: HistoryStore) -> None:
+def test_by_public_id_finds_the_entry_and_only_it(store: HistoryBackend) -> None:
     entries = [saved_entry(store, make_result(accepted=number)) for number in range(3)]
 
     for entry in entries:
@@ -286,7 +342,7 @@ def test_by_public_id_finds_the_entry_and_only_it(store: HistoryStore) -> None:
     ],
 )
 def test_an_expired_result_is_not_found_even_before_the_prune(
-    store: HistoryStore, age: datetime.timedelta, expired: bool
+    store: HistoryBackend, age: datetime.timedelta, expired: bool
 ) -> None:
     entry = saved_entry(store, make_result(started_at=NOW - age))
 
@@ -298,10 +354,16 @@ def test_an_expired_result_is_not_found_even_before_the_prune(
     assert store.prune(older_than_days=90, now=NOW) == int(expired)
 
 
-@pytest.fixture(scope="module")
-def closed_store(tmp_path_factory: pytest.TempPathFactory) -> HistoryStore:
-    """A store whose connection is closed: any SQL it runs raises ProgrammingError."""
-    closed = HistoryStore(tmp_path_factory.mktemp("closed"))
+@pytest.fixture(scope="module", params=ENGINES)
+def closed_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> HistoryBackend:
+    """A store whose connection is closed: any SQL it runs raises an error that says so."""
+    if request.param == "sqlite":
+        where = str(tmp_path_factory.mktemp("closed"))
+    else:
+        where = request.getfixturevalue("postgres").url
+    closed = database_of(request.param, where).open()
     closed.close()
     return closed
 
@@ -339,9 +401,9 @@ def url_safe_base64(data: bytes) -> str:
 @example("AAAAAAAAAAAAAAAAAAAAAA==")
 @example("' OR 1=1 --           A")
 @example("\uff41" * 21 + "A")  # fullwidth letters: alphanumeric, but not ASCII
-def test_only_well_formed_public_ids_reach_sql(closed_store: HistoryStore, text: str) -> None:
+def test_only_well_formed_public_ids_reach_sql(closed_store: HistoryBackend, text: str) -> None:
     if made_by_new_result_id(text):
-        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        with pytest.raises((sqlite3.ProgrammingError, psycopg.OperationalError), match="closed"):
             closed_store.by_public_id(text, now=NOW, retention_days=90)
     else:
         assert closed_store.by_public_id(text, now=NOW, retention_days=90) is None
@@ -358,7 +420,7 @@ def version_1_database(state_dir: Path, documents: list[str]) -> None:
         # Version 1 is the first migration step, which never changes once shipped.
         connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
         connection.execute("INSERT INTO schema_version (version) VALUES (1)")
-        MIGRATIONS[0](connection)
+        MIGRATIONS[0].sqlite(connection)
         connection.executemany(
             "INSERT INTO results (started_at, target, verdict, accepted, relayed, deferred,"
             " rejected, errors, duration_s, result)"

@@ -1,0 +1,28 @@
+"""The Redis client of every part that shares state through Redis, made one way.
+
+redis-py's default pool refuses a burst beyond its size at once; a `BlockingConnectionPool`
+makes the burst wait, and the caller bounds that wait with the call it makes. A connection a
+timeout interrupted is closed, never reused, and the pool reconnects by itself.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+
+def connect(url: str, *, timeout_s: float, max_connections: int) -> Redis:
+    """A client for `url` (`redis://`, `rediss://` or `unix://`; it may hold a password, so it
+    is never logged) whose sockets give up after `timeout_s`. Connects on first use."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=None,  # the wait for a free connection is bounded with the call
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        # One immediate retry on a fresh connection: a pooled one may have died with a restarted
+        # server. More would only run into the caller's timeout.
+        retry=Retry(NoBackoff(), 1),
+    )
+    return Redis.from_pool(pool)
