@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check $(CODE)
-	$(BIN)/mypy --strict relayprobe
+	$(BIN)/mypy --strict relayprobe benchmarks
 
 test: lint
 	$(BIN)/pytest -q

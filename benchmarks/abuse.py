@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -244,7 +244,7 @@ async def _normal_calls(
     for source in config["normal"]:
         if stop.is_set():
             return
-        one = await call(telnet, source, loop.time() + config["call_timeout"])
+        one = await call(telnet, source, loop.time() + config["call_timeout"], b"")
         calls.append([one.started, one.ended, one.failure])
         await _wait_or_stop(stop, one.started + config["period"] - time.perf_counter())
 
@@ -550,7 +550,9 @@ def has_verdict(tail: bytes) -> bool:
     return b"\r\nSystem appeared to " in tail
 
 
-async def paced(count: int, per_second: float, one: Callable[[int], Awaitable[T]]) -> list[T]:
+async def paced(
+    count: int, per_second: float, one: Callable[[int], Coroutine[Any, Any, T]]
+) -> list[T]:
     """`one(0)` .. `one(count - 1)`, started `per_second` a second; all their results."""
     tasks: list[asyncio.Task[T]] = []
     async with asyncio.TaskGroup() as group:
@@ -1068,7 +1070,7 @@ async def _measure(attack: Attack, rig: Rig, observer: Helper) -> Measured:
     normal_connects = sum(1 for _, _, failure in observed["calls"] if failure != "refused")
     held = rig.connects + normal_connects - events["session_refused"] - events["session_end"]
     loop = asyncio.get_running_loop()
-    fresh = await call(rig.telnet, FRESH_CALLER, loop.time() + scale.call_timeout_s)
+    fresh = await call(rig.telnet, FRESH_CALLER, loop.time() + scale.call_timeout_s, b"")
     return Measured(
         finding=finding,
         observing_from=observing_from,
@@ -1246,7 +1248,7 @@ def run_attack(attack: Attack, scale: Scale, workdir: Path) -> Row:
         rig = Rig(
             telnet=telnet,
             http=http,
-            sink=(sink[0], ports.sink),
+            sink=("127.0.0.1", ports.sink),
             pid=service.pid,
             log_path=log_path,
             scale=scale,

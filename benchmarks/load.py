@@ -16,10 +16,26 @@ other processes: a busy machine explains a slow run).
 With `--door http` the callers are curl-style HTTP clients of the web front door instead
 (`GET /`, `Accept: */*`, reading the streamed transcript until the service closes).
 
+With `--replicas R` (2 to 4) every repeat runs two configurations in turn, in alternating order:
+one service with its state in memory, and R services sharing a throwaway redis-server on
+loopback (`--redis-url`); the callers are spread evenly over the replicas (caller i to replica
+i mod R). Both run with rate limits on, set high enough to admit every caller, and with
+delivery confirmation on (a canary sink per replica), so that admissions and the token registry
+do what they do in service. The fake mail server relays nothing, so each test registers a token
+per probe and forgets them, and nothing arrives; `--relay` makes it an open relay that delivers
+every test message to a canary sink (replica i+1's, for a caller of replica i), so that the
+registry's arrival path is measured too. Per run the table adds each replica's peak RSS and CPU,
+redis-server's CPU, the Redis round trips per test (requests Redis read from its clients, from
+`INFO stats` total_reads_processed) and commands per test (`INFO commandstats`, which counts the
+commands inside MULTI/EXEC and inside scripts too), the services' fallback and failure counters
+(from their /metrics) and how delivery confirmation ended; then the ratio of the R-replica
+configuration to the one-replica one, for sessions/s and p99. `--redis-timeout S` passes the
+replicas a bound on each Redis call other than the service's default.
+
 Run from the repository root:
 
     python -m benchmarks.load [--door telnet|http] [--sessions 100 1000] [--repeat R]
-                              [--timeout S] [--json]
+                              [--replicas R [--relay] [--redis-timeout S]] [--timeout S] [--json]
 
 (`python -m benchmarks.load fake --count N` is the fake mail server process it starts.)
 """
@@ -40,14 +56,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from relayprobe.fakemx import FakeMailServer, relays_nothing
+import redis
+
+from relayprobe.fakemx import FakeMailServer, relays_everything, relays_nothing
 from relayprobe.frontdoors.core import BUSY
 from relayprobe.operations import runtime
+from tests.infra.dataservers import redis_available, running_redis
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FAKE_COMMAND = "fake"
@@ -61,6 +81,11 @@ TARGET_PEAK_RSS_MB = 200.0
 
 VERDICT_PREFIX = "System appeared to "
 INCOMPLETE_PREFIX = "Test incomplete"
+CONFIRMATION_MARKERS = (
+    ("delivery confirmation unavailable", "unavailable"),
+    ("Relay not confirmed:", "not confirmed"),
+    ("Relay confirmed:", "confirmed"),
+)
 # The verdict is in the last lines; the whole transcript is not kept.
 TAIL_BYTES = 4096
 READ_CHUNK = 64 * 1024
@@ -71,6 +96,38 @@ STARTUP_POLL_S = 0.05
 # The fake stops by itself when its parent closes its stdin, or after this long at most.
 FAKE_LIFETIME_S = 2 * MAX_RUN_TIMEOUT_S
 FAKE_PORT_ATTEMPTS = 5
+
+MAX_REPLICAS = 4
+# Rate limits on, but never in the way: each caller tests once from its own address, and
+# `caller_addresses` puts at most 250 callers in one /24.
+ADMIT_EVERYONE = (
+    "--rate-limit",
+    "--rate-prefix-tests",
+    str(MAX_SESSIONS),
+    "--rate-global",
+    "100000",
+)
+# With --relay all 20 test messages of a test reach a sink at once from the caller's address.
+SINK_OPEN = (
+    *("--sink-max-connections", str(MAX_SESSIONS)),
+    *("--sink-max-connections-per-address", "100"),
+    *("--sink-max-connections-per-prefix", str(MAX_SESSIONS)),
+    *("--sink-replies-per-second", "1000000"),
+    *("--sink-message-bytes-per-second", "1000000"),
+)
+CONFIRM_WAIT_S = 10.0
+MAX_REDIS_TIMEOUT_S = 10.0
+METRICS_TIMEOUT_S = 5.0
+# Counters of the services' /metrics summed over replicas and labels, under these names.
+COUNTERS = {
+    "relayprobe_rate_limit_fallbacks_total": "rate limit fallbacks",
+    "relayprobe_registry_failures_total": "registry failures",
+    "relayprobe_refusals_total": "refusals",
+    "relayprobe_sink_deliveries_total": "sink deliveries",
+}
+# The benchmark's own INFO between the two snapshots of a run.
+OWN_REDIS_REQUESTS = 1
+TOP_COMMANDS = 8
 
 
 class BenchmarkError(RuntimeError):
@@ -110,14 +167,25 @@ async def _stdin_closed() -> None:
         transport.close()
 
 
-async def _start_fakes(addresses: Sequence[str]) -> tuple[int, list[FakeMailServer]]:
-    """One fake per address, all on one port (the first free one on the first address)."""
+async def _start_fakes(
+    addresses: Sequence[str], forward_ports: Sequence[int]
+) -> tuple[int, list[FakeMailServer]]:
+    """One fake per address, all on one port (the first free one on the first address). With
+    `forward_ports` each relays everything and delivers to 127.0.0.1 at the port of its index
+    modulo their number; without, it relays nothing."""
     for _ in range(FAKE_PORT_ATTEMPTS):
         servers: list[FakeMailServer] = []
         port = 0
         try:
-            for address in addresses:
-                server = FakeMailServer(relay=relays_nothing)
+            for index, address in enumerate(addresses):
+                server = (
+                    FakeMailServer(
+                        relay=relays_everything,
+                        forward_to=("127.0.0.1", forward_ports[index % len(forward_ports)]),
+                    )
+                    if forward_ports
+                    else FakeMailServer(relay=relays_nothing)
+                )
                 servers.append(server)
                 port = await server.start(address, port)
         except OSError as exc:
@@ -129,8 +197,8 @@ async def _start_fakes(addresses: Sequence[str]) -> tuple[int, list[FakeMailServ
     raise BenchmarkError(f"no port free on all {len(addresses)} addresses")
 
 
-async def _serve_fakes(count: int) -> None:
-    port, servers = await _start_fakes(caller_addresses(count))
+async def _serve_fakes(count: int, forward_ports: Sequence[int]) -> None:
+    port, servers = await _start_fakes(caller_addresses(count), forward_ports)
     print(port, flush=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(_stdin_closed(), FAKE_LIFETIME_S)
@@ -140,11 +208,19 @@ async def _serve_fakes(count: int) -> None:
 def fake_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.load fake")
     parser.add_argument("--count", type=int, required=True, help="caller addresses to serve")
+    parser.add_argument(
+        "--forward-to",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="relay everything and deliver to 127.0.0.1:PORT (repeatable: by address, in turn)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.count <= MAX_SESSIONS:
         parser.error(f"--count must be between 1 and {MAX_SESSIONS}")
     raise_file_limit()
-    runtime.run(_serve_fakes(args.count))
+    runtime.run(_serve_fakes(args.count, args.forward_to))
     return 0
 
 
@@ -192,10 +268,14 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 
 @contextlib.contextmanager
-def fake_mail_process(count: int) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """The fake mail server process for `count` callers, and the port it listens on."""
+def fake_mail_process(
+    count: int, forward_ports: Sequence[int] = ()
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """The fake mail server process for `count` callers, and the port it listens on; with
+    `forward_ports`, an open relay delivering to them (see `_start_fakes`)."""
+    forwarding = [argument for port in forward_ports for argument in ("--forward-to", str(port))]
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.load", FAKE_COMMAND, "--count", str(count)],
+        [sys.executable, "-m", "benchmarks.load", FAKE_COMMAND, "--count", str(count), *forwarding],
         cwd=REPOSITORY,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -231,33 +311,86 @@ def wait_until_listening(process: subprocess.Popen[str], log_path: Path) -> None
     raise BenchmarkError(f"the service did not listen within {STARTUP_TIMEOUT_S:g} s")
 
 
-@contextlib.contextmanager
-def reflector_process(
-    mail_port: int, log_path: Path, door: str
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`relayprobe serve` with `door` (telnet or http) on a free 127.0.0.1 port, logging JSON
-    to `log_path`."""
-    port, other = free_port(), free_port()
-    telnet, web = (port, other) if door == "telnet" else (other, port)
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """The services of one run. `stateful`: rate limits on (admitting everyone) and delivery
+    confirmation on, each replica with a sink; otherwise both off, as in the plain benchmark."""
+
+    replicas: int = 1
+    redis: bool = False
+    stateful: bool = False
+    relay: bool = False
+    redis_timeout: float | None = None  # None: the service's default
+
+    @property
+    def label(self) -> str:
+        """How the table names this setup; empty for the plain benchmark's."""
+        if not self.stateful:
+            return ""
+        state = "Redis" if self.redis else "in memory"
+        timeout = "" if self.redis_timeout is None else f" {self.redis_timeout:g}s"
+        return f"{self.replicas} x {state}{timeout}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaPorts:
+    """The 127.0.0.1 ports of one service: the callers' door, the other door, the canary sink
+    and the operators' endpoint (the last two only with a stateful setup)."""
+
+    door: int
+    other_door: int
+    sink: int | None = None
+    http: int | None = None
+
+    @classmethod
+    def pick(cls, setup: Setup) -> ReplicaPorts:
+        if not setup.stateful:
+            return cls(free_port(), free_port())
+        return cls(free_port(), free_port(), free_port(), free_port())
+
+
+def delivery_ports(replicas: Sequence[ReplicaPorts]) -> list[int]:
+    """Where the fake of caller i delivers: the sink of the replica after the one that caller
+    tests through (caller i tests through replica i mod R), so that with several replicas
+    every arrival crosses from one replica to another."""
+    sinks = [ports.sink for ports in replicas if ports.sink is not None]
+    return sinks[1:] + sinks[:1]
+
+
+def service_command(
+    setup: Setup, ports: ReplicaPorts, mail_port: int, door: str, redis_url: str | None
+) -> list[str]:
+    """The `relayprobe serve` command line of one replica."""
+    telnet, web = (
+        (ports.door, ports.other_door) if door == "telnet" else (ports.other_door, ports.door)
+    )
     command = [
-        sys.executable,
-        "-m",
-        "relayprobe",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{telnet}",
-        "--web-listen",
-        f"127.0.0.1:{web}",
-        "--target-port",
-        str(mail_port),
-        "--max-sessions",
-        str(MAX_SESSIONS),
-        "--no-rate-limit",
-        "--no-history",
-        "--no-confirm",
-        "--log-format",
-        "json",
+        *(sys.executable, "-m", "relayprobe", "serve"),
+        *("--listen", f"127.0.0.1:{telnet}", "--web-listen", f"127.0.0.1:{web}"),
+        *("--target-port", str(mail_port), "--max-sessions", str(MAX_SESSIONS)),
+        *("--no-history", "--log-format", "json"),
     ]
+    if not setup.stateful:
+        return [*command, "--no-rate-limit", "--no-confirm"]
+    command += [
+        *ADMIT_EVERYONE,
+        *("--confirm", "--sink-listen", f"127.0.0.1:{ports.sink}"),
+        *("--confirm-wait", f"{CONFIRM_WAIT_S:g}", "--http-listen", f"127.0.0.1:{ports.http}"),
+    ]
+    if setup.relay:
+        command += SINK_OPEN
+    if setup.redis:
+        if redis_url is None:
+            raise ValueError("a Redis setup needs a redis_url")
+        command += ["--redis-url", redis_url]
+        if setup.redis_timeout is not None:
+            command += ["--redis-timeout", f"{setup.redis_timeout:g}"]
+    return command
+
+
+@contextlib.contextmanager
+def reflector_process(command: Sequence[str], log_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """`relayprobe serve` as `command` says, logging JSON to `log_path`, once it listens."""
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command,
@@ -270,10 +403,107 @@ def reflector_process(
         )
     try:
         wait_until_listening(process, log_path)
-        yield process, port
+        yield process
     finally:
         process.terminate()
         _stop(process)
+
+
+def metric_totals(exposition: str) -> dict[str, float]:
+    """The `COUNTERS` of a Prometheus text exposition: each one's total, and beside it each
+    labelled sample that is not zero (`registry failures{operation="register"}`)."""
+    totals = dict.fromkeys(COUNTERS.values(), 0.0)
+    for line in exposition.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        sample, _, text = line.rpartition(" ")
+        name, brace, labels = sample.partition("{")
+        if name not in COUNTERS:
+            continue
+        value = float(text)
+        totals[COUNTERS[name]] += value
+        if brace and value:
+            key = f"{COUNTERS[name]}{{{labels}"
+            totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
+def scrape_counters(http_port: int) -> dict[str, float]:
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:
+        return metric_totals(response.read().decode("utf-8", "replace"))
+
+
+# Redis seen from outside
+
+
+@dataclass(frozen=True, slots=True)
+class RedisCounts:
+    """redis-server's counters at one moment."""
+
+    reads: int
+    """Reads from client sockets: a request, or several pipelined in one write, or a hang-up."""
+    calls: Mapping[str, int]
+    """Commands executed by name, those inside MULTI/EXEC and scripts too."""
+    cpu_s: float
+
+    @classmethod
+    def of(cls, info: Mapping[str, object], cpu_s: float) -> RedisCounts:
+        """From redis-py's parse of `INFO everything`."""
+        calls = {
+            name.removeprefix("cmdstat_"): int(stats["calls"])
+            for name, stats in info.items()
+            if name.startswith("cmdstat_") and isinstance(stats, dict)
+        }
+        reads = info["total_reads_processed"]
+        assert isinstance(reads, int)
+        return cls(reads, calls, cpu_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedisUse:
+    """What the replicas asked of Redis during one run's callers."""
+
+    cpu_s: float
+    round_trips: int
+    calls: Mapping[str, int]
+
+    @classmethod
+    def between(cls, before: RedisCounts, after: RedisCounts) -> RedisUse:
+        """The difference, less the benchmark's own INFO that took the second snapshot."""
+        calls = Counter(after.calls)
+        calls.subtract(before.calls)
+        calls["info"] -= OWN_REDIS_REQUESTS
+        return cls(
+            cpu_s=after.cpu_s - before.cpu_s,
+            round_trips=after.reads - before.reads - OWN_REDIS_REQUESTS,
+            calls={name: count for name, count in calls.most_common() if count > 0},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedRedis:
+    """A run's redis-server, and a connection of the benchmark's own to read its counters."""
+
+    url: str
+    pid: int
+    client: redis.Redis
+
+    def counts(self) -> RedisCounts:
+        info = self.client.info("everything")
+        assert isinstance(info, dict)
+        return RedisCounts.of(info, cpu_seconds(self.pid))
+
+
+@contextlib.contextmanager
+def watched_redis() -> Iterator[WatchedRedis]:
+    """A throwaway redis-server on 127.0.0.1 (tests.infra's), stopped after."""
+    with (
+        running_redis() as server,
+        redis.Redis(port=server.port, socket_timeout=METRICS_TIMEOUT_S) as client,
+    ):
+        assert server.process is not None
+        yield WatchedRedis(server.url, server.process.pid, client)
 
 
 # The callers
@@ -286,6 +516,7 @@ class Call:
     started: float
     ended: float
     failure: str | None  # None: the transcript ended with a verdict
+    confirmation: str | None = None  # how delivery confirmation ended, if it says so
 
     @property
     def seconds(self) -> float:
@@ -302,6 +533,15 @@ def transcript_failure(tail: bytes) -> str | None:
     if BUSY.message in lines:
         return "busy"
     return "no verdict"
+
+
+def transcript_confirmation(tail: bytes) -> str | None:
+    """How the last lines say delivery confirmation ended; None when they say nothing of it."""
+    text = tail.decode("utf-8", "replace")
+    for marker, confirmation in CONFIRMATION_MARKERS:
+        if marker in text:
+            return confirmation
+    return None
 
 
 async def _read_tail(reader: asyncio.StreamReader) -> bytes:
@@ -322,6 +562,7 @@ async def call(service: tuple[str, int], source: str, deadline: float, request: 
     how it went."""
     started = time.perf_counter()
     failure: str | None
+    confirmation: str | None = None
     try:
         async with asyncio.timeout_at(deadline):
             reader, writer = await asyncio.open_connection(*service, local_addr=(source, 0))
@@ -331,6 +572,7 @@ async def call(service: tuple[str, int], source: str, deadline: float, request: 
             finally:
                 writer.close()
         failure = transcript_failure(tail)
+        confirmation = transcript_confirmation(tail)
     except TimeoutError:
         failure = "timeout"
     except ConnectionRefusedError:
@@ -339,15 +581,24 @@ async def call(service: tuple[str, int], source: str, deadline: float, request: 
         failure = "reset"
     except OSError as exc:
         failure = errno.errorcode.get(exc.errno or 0, "OSError")
-    return Call(started, time.perf_counter(), failure)
+    return Call(started, time.perf_counter(), failure, confirmation)
 
 
 async def call_all(
-    service: tuple[str, int], sources: Sequence[str], timeout: float, request: bytes = b""
+    services: Sequence[tuple[str, int]],
+    sources: Sequence[str],
+    timeout: float,
+    request: bytes = b"",
 ) -> list[Call]:
-    """Every caller at once, all bounded by one deadline."""
+    """Every caller at once, caller i through service i mod their number, all bounded by one
+    deadline."""
     deadline = asyncio.get_running_loop().time() + timeout
-    return await asyncio.gather(*(call(service, source, deadline, request) for source in sources))
+    return await asyncio.gather(
+        *(
+            call(services[index % len(services)], source, deadline, request)
+            for index, source in enumerate(sources)
+        )
+    )
 
 
 # Runs
@@ -367,11 +618,20 @@ class Run:
     fake_cpu_s: float
     callers_cpu_s: float
     other_cpu_s: float
-    """The machine's busy CPU time less the three above: kernel work and other processes."""
+    """The machine's busy CPU time less the others here: kernel work and other processes."""
+    label: str = ""
+    replica_peak_rss_mb: tuple[float, ...] = ()
+    replica_cpu_s: tuple[float, ...] = ()
+    redis: RedisUse | None = None
+    counters: Mapping[str, float] = field(default_factory=dict)
+    confirmations: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def sessions_per_s(self) -> float:
         return self.verdicts / self.wall_s
+
+    def per_test(self, count: float) -> float:
+        return count / self.verdicts if self.verdicts else float("nan")
 
     def missed_targets(self) -> list[str]:
         missed = []
@@ -385,6 +645,7 @@ class Run:
 
     def as_json(self) -> dict[str, object]:
         return {
+            "setup": self.label,
             "sessions": self.sessions,
             "verdicts": self.verdicts,
             "failures": dict(self.failures),
@@ -398,7 +659,23 @@ class Run:
             "fake_cpu_s": round(self.fake_cpu_s, 2),
             "callers_cpu_s": round(self.callers_cpu_s, 2),
             "other_cpu_s": round(self.other_cpu_s, 2),
+            "replica_peak_rss_mb": [round(mb, 1) for mb in self.replica_peak_rss_mb],
+            "replica_cpu_s": [round(seconds, 2) for seconds in self.replica_cpu_s],
+            "redis": None if self.redis is None else self.redis_json(self.redis),
+            "counters": dict(self.counters),
+            "confirmations": dict(self.confirmations),
             "missed_targets": self.missed_targets(),
+        }
+
+    def redis_json(self, use: RedisUse) -> dict[str, object]:
+        return {
+            "cpu_s": round(use.cpu_s, 2),
+            "round_trips": use.round_trips,
+            "round_trips_per_test": round(self.per_test(use.round_trips), 2),
+            "commands_per_test": round(self.per_test(sum(use.calls.values())), 2),
+            "calls_per_test": {
+                name: round(self.per_test(count), 2) for name, count in use.calls.items()
+            },
         }
 
 
@@ -412,24 +689,56 @@ def megabytes(kib: int) -> float:
     return kib * 1024 / 1e6
 
 
-def run_once(sessions: int, timeout: float, log_path: Path, door: str = "telnet") -> Run:
-    """Fresh fake and service processes, `sessions` callers at once, and what it took."""
+def run_once(
+    sessions: int, timeout: float, workdir: Path, door: str = "telnet", setup: Setup = Setup()
+) -> Run:
+    """Fresh Redis (if the setup has it), fake and service processes, `sessions` callers at
+    once, and what it took."""
     sources = caller_addresses(sessions)
     request = HTTP_REQUEST if door == "http" else b""
-    with (
-        fake_mail_process(sessions) as (fake, mail_port),
-        reflector_process(mail_port, log_path, door) as (service, port),
-    ):
-        idle_kib = proc_status_kib(service.pid, "VmRSS")
-        service_cpu, fake_cpu = cpu_seconds(service.pid), cpu_seconds(fake.pid)
+    replicas = [ReplicaPorts.pick(setup) for _ in range(setup.replicas)]
+    with contextlib.ExitStack() as stack:
+        shared = stack.enter_context(watched_redis()) if setup.redis else None
+        redis_url = None if shared is None else shared.url
+        fake, mail_port = stack.enter_context(
+            fake_mail_process(sessions, delivery_ports(replicas) if setup.relay else ())
+        )
+        services = [
+            stack.enter_context(
+                reflector_process(
+                    service_command(setup, ports, mail_port, door, redis_url),
+                    workdir / f"service-{index}.log",
+                )
+            )
+            for index, ports in enumerate(replicas)
+        ]
+        idle_kib = max(proc_status_kib(service.pid, "VmRSS") for service in services)
+        services_cpu = [cpu_seconds(service.pid) for service in services]
+        fake_cpu = cpu_seconds(fake.pid)
+        redis_before = None if shared is None else shared.counts()
         callers_cpu, machine_busy = time.process_time(), machine_busy_seconds()
-        calls = runtime.run(call_all(("127.0.0.1", port), sources, timeout, request))
+        doors = [("127.0.0.1", ports.door) for ports in replicas]
+        calls = runtime.run(call_all(doors, sources, timeout, request))
         callers_cpu = time.process_time() - callers_cpu
         machine_busy = machine_busy_seconds() - machine_busy
-        service_cpu = cpu_seconds(service.pid) - service_cpu
+        services_cpu = [
+            cpu_seconds(service.pid) - before
+            for service, before in zip(services, services_cpu, strict=True)
+        ]
         fake_cpu = cpu_seconds(fake.pid) - fake_cpu
-        peak_kib = proc_status_kib(service.pid, "VmHWM")
+        redis_use = (
+            None
+            if shared is None or redis_before is None
+            else RedisUse.between(redis_before, shared.counts())
+        )
+        peaks_kib = [proc_status_kib(service.pid, "VmHWM") for service in services]
+        counters: Counter[str] = Counter()
+        for ports in replicas:
+            if ports.http is not None:
+                counters.update(scrape_counters(ports.http))
     seconds = [one.seconds for one in calls]
+    service_cpu = sum(services_cpu)
+    redis_cpu = 0.0 if redis_use is None else redis_use.cpu_s
     return Run(
         sessions=sessions,
         verdicts=sum(1 for one in calls if one.failure is None),
@@ -438,45 +747,81 @@ def run_once(sessions: int, timeout: float, log_path: Path, door: str = "telnet"
         p50_s=percentile(seconds, 50),
         p99_s=percentile(seconds, 99),
         idle_rss_mb=megabytes(idle_kib),
-        peak_rss_mb=megabytes(peak_kib),
+        peak_rss_mb=megabytes(max(peaks_kib)),
         service_cpu_s=service_cpu,
         fake_cpu_s=fake_cpu,
         callers_cpu_s=callers_cpu,
-        other_cpu_s=machine_busy - service_cpu - fake_cpu - callers_cpu,
+        other_cpu_s=machine_busy - service_cpu - fake_cpu - callers_cpu - redis_cpu,
+        label=setup.label,
+        replica_peak_rss_mb=tuple(megabytes(kib) for kib in peaks_kib),
+        replica_cpu_s=tuple(services_cpu),
+        redis=redis_use,
+        counters=dict(counters),
+        confirmations=Counter(one.confirmation for one in calls if one.confirmation is not None),
     )
 
 
+def compared_setups(
+    replicas: int, relay: bool, redis_timeout: float | None = None
+) -> tuple[Setup, Setup]:
+    """One replica with its state in memory, and `replicas` sharing Redis."""
+    return (
+        Setup(stateful=True, relay=relay),
+        Setup(
+            replicas=replicas, redis=True, stateful=True, relay=relay, redis_timeout=redis_timeout
+        ),
+    )
+
+
+def run_order(setups: Sequence[Setup], repeat: int) -> list[Setup]:
+    """Each setup once per repeat, the order reversed every other repeat, so that neither
+    always runs first on a machine that warms up or gets busier."""
+    return [
+        setup
+        for index in range(repeat)
+        for setup in (setups if index % 2 == 0 else list(reversed(setups)))
+    ]
+
+
 def benchmark(
-    session_counts: Sequence[int], repeat: int, timeout: float, door: str = "telnet"
+    session_counts: Sequence[int],
+    repeat: int,
+    timeout: float,
+    door: str = "telnet",
+    setups: Sequence[Setup] = (Setup(),),
 ) -> list[Run]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="relayprobe-load-") as workdir:
-        for _ in range(repeat):
+        for setup in run_order(setups, repeat):
             for sessions in session_counts:
-                runs.append(run_once(sessions, timeout, Path(workdir, "service.log"), door))
+                runs.append(run_once(sessions, timeout, Path(workdir), door, setup))
     return runs
 
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """The runs of one session count: medians, and the worst of each figure."""
+    """The runs of one setup and session count: medians, and the worst of each figure."""
 
+    label: str
     sessions: int
     runs: int
     median_sessions_per_s: float
     worst_sessions_per_s: float
     median_p50_s: float
+    median_p99_s: float
     worst_p99_s: float
     worst_peak_rss_mb: float
     runs_meeting_targets: int
 
     def as_json(self) -> dict[str, object]:
         return {
+            "setup": self.label,
             "sessions": self.sessions,
             "runs": self.runs,
             "median_sessions_per_s": round(self.median_sessions_per_s, 1),
             "worst_sessions_per_s": round(self.worst_sessions_per_s, 1),
             "median_p50_s": round(self.median_p50_s, 3),
+            "median_p99_s": round(self.median_p99_s, 3),
             "worst_p99_s": round(self.worst_p99_s, 3),
             "worst_peak_rss_mb": round(self.worst_peak_rss_mb, 1),
             "runs_meeting_targets": self.runs_meeting_targets,
@@ -485,16 +830,18 @@ class Summary:
 
 def summarize(runs: Sequence[Run]) -> list[Summary]:
     summaries = []
-    for sessions in dict.fromkeys(run.sessions for run in runs):
-        mine = [run for run in runs if run.sessions == sessions]
+    for label, sessions in dict.fromkeys((run.label, run.sessions) for run in runs):
+        mine = [run for run in runs if (run.label, run.sessions) == (label, sessions)]
         rates = [run.sessions_per_s for run in mine]
         summaries.append(
             Summary(
+                label=label,
                 sessions=sessions,
                 runs=len(mine),
                 median_sessions_per_s=statistics.median(rates),
                 worst_sessions_per_s=min(rates),
                 median_p50_s=statistics.median(run.p50_s for run in mine),
+                median_p99_s=statistics.median(run.p99_s for run in mine),
                 worst_p99_s=max(run.p99_s for run in mine),
                 worst_peak_rss_mb=max(run.peak_rss_mb for run in mine),
                 runs_meeting_targets=sum(1 for run in mine if not run.missed_targets()),
@@ -503,10 +850,94 @@ def summarize(runs: Sequence[Run]) -> list[Summary]:
     return summaries
 
 
-def print_table(runs: Sequence[Run]) -> None:
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """One setup against another at one session count: ratios of the other's medians to the
+    baseline's, and of each pair of runs (the k-th run of each)."""
+
+    sessions: int
+    baseline: str
+    other: str
+    sessions_per_s_ratio: float
+    p99_ratio: float
+    pair_sessions_per_s_ratios: tuple[float, ...]
+    pair_p99_ratios: tuple[float, ...]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "sessions": self.sessions,
+            "baseline": self.baseline,
+            "other": self.other,
+            "sessions_per_s_ratio": round(self.sessions_per_s_ratio, 3),
+            "p99_ratio": round(self.p99_ratio, 3),
+            "pair_sessions_per_s_ratios": [round(r, 3) for r in self.pair_sessions_per_s_ratios],
+            "pair_p99_ratios": [round(r, 3) for r in self.pair_p99_ratios],
+        }
+
+
+def compare(runs: Sequence[Run], baseline: str, other: str) -> list[Comparison]:
+    comparisons = []
+    for sessions in dict.fromkeys(run.sessions for run in runs):
+        firsts = [run for run in runs if (run.label, run.sessions) == (baseline, sessions)]
+        seconds = [run for run in runs if (run.label, run.sessions) == (other, sessions)]
+        if not firsts or not seconds:
+            continue
+        pairs = list(zip(firsts, seconds, strict=False))
+        comparisons.append(
+            Comparison(
+                sessions=sessions,
+                baseline=baseline,
+                other=other,
+                sessions_per_s_ratio=statistics.median(run.sessions_per_s for run in seconds)
+                / statistics.median(run.sessions_per_s for run in firsts),
+                p99_ratio=statistics.median(run.p99_s for run in seconds)
+                / statistics.median(run.p99_s for run in firsts),
+                pair_sessions_per_s_ratios=tuple(
+                    b.sessions_per_s / a.sessions_per_s for a, b in pairs
+                ),
+                pair_p99_ratios=tuple(b.p99_s / a.p99_s for a, b in pairs),
+            )
+        )
+    return comparisons
+
+
+def print_replicas(runs: Sequence[Run]) -> None:
+    """What the replicas mode adds, run by run: each replica, Redis, counters, confirmation."""
     print(
-        f"{'sessions':>8} {'verdicts':>8} {'wall s':>7} {'sess/s':>7} {'p50 s':>6} {'p99 s':>6} "
-        f"{'idle MB':>7} {'peak MB':>7}  {'CPU s service/fake/callers/other':<32}  failures"
+        f"\n{'setup':<14} {'sessions':>8} {'peak MB per replica':<20} {'CPU s per replica':<18} "
+        f"{'Redis CPU s':>11} {'RT/test':>7} {'cmds/test':>9}  counters; confirmation"
+    )
+    for run in runs:
+        peaks = "/".join(f"{mb:.1f}" for mb in run.replica_peak_rss_mb)
+        cpus = "/".join(f"{seconds:.1f}" for seconds in run.replica_cpu_s)
+        use = run.redis
+        redis_figures = (
+            f"{'-':>11} {'-':>7} {'-':>9}"
+            if use is None
+            else f"{use.cpu_s:>11.2f} {run.per_test(use.round_trips):>7.2f} "
+            f"{run.per_test(sum(use.calls.values())):>9.2f}"
+        )
+        counters = ", ".join(f"{name} {count:g}" for name, count in run.counters.items())
+        confirmations = ", ".join(f"{kind} {n}" for kind, n in sorted(run.confirmations.items()))
+        print(
+            f"{run.label:<14} {run.sessions:>8} {peaks:<20} {cpus:<18} {redis_figures}  "
+            f"{counters}; {confirmations or 'none said'}"
+        )
+        if use is not None:
+            top = list(use.calls.items())[:TOP_COMMANDS]
+            print(
+                "    calls per test: "
+                + ", ".join(f"{name} {run.per_test(count):.2f}" for name, count in top)
+            )
+
+
+def print_table(runs: Sequence[Run]) -> None:
+    labelled = any(run.label for run in runs)
+    setup_column = f"{'setup':<14} " if labelled else ""
+    print(
+        f"{setup_column}{'sessions':>8} {'verdicts':>8} {'wall s':>7} {'sess/s':>7} "
+        f"{'p50 s':>6} {'p99 s':>6} {'idle MB':>7} {'peak MB':>7}  "
+        f"{'CPU s service/fake/callers/other':<32}  failures"
     )
     for run in runs:
         cpu = (
@@ -514,22 +945,41 @@ def print_table(runs: Sequence[Run]) -> None:
             f"/{run.other_cpu_s:.1f}"
         )
         failures = ", ".join(f"{kind} {count}" for kind, count in sorted(run.failures.items()))
+        setup = f"{run.label:<14} " if labelled else ""
         print(
-            f"{run.sessions:>8} {run.verdicts:>8} {run.wall_s:>7.2f} {run.sessions_per_s:>7.0f} "
-            f"{run.p50_s:>6.2f} {run.p99_s:>6.2f} {run.idle_rss_mb:>7.1f} "
-            f"{run.peak_rss_mb:>7.1f}  {cpu:<32}  {failures or 'none'}"
+            f"{setup}{run.sessions:>8} {run.verdicts:>8} {run.wall_s:>7.2f} "
+            f"{run.sessions_per_s:>7.0f} {run.p50_s:>6.2f} {run.p99_s:>6.2f} "
+            f"{run.idle_rss_mb:>7.1f} {run.peak_rss_mb:>7.1f}  {cpu:<32}  {failures or 'none'}"
         )
     for run in runs:
         missed = run.missed_targets()
         if missed:
-            print(f"{run.sessions} sessions missed targets: {'; '.join(missed)}")
+            print(f"{_named(run.label)}{run.sessions} sessions missed targets: {'; '.join(missed)}")
+    if labelled:
+        print_replicas(runs)
     for summary in summarize(runs):
         print(
-            f"{summary.sessions} sessions, {summary.runs} runs: "
+            f"{_named(summary.label)}{summary.sessions} sessions, {summary.runs} runs: "
             f"{summary.median_sessions_per_s:.0f} sessions/s median "
             f"({summary.worst_sessions_per_s:.0f} worst), p50 {summary.median_p50_s:.2f} s median, "
-            f"p99 {summary.worst_p99_s:.2f} s worst, peak RSS {summary.worst_peak_rss_mb:.1f} MB "
-            f"worst; targets met in {summary.runs_meeting_targets} of {summary.runs} runs"
+            f"p99 {summary.median_p99_s:.2f} s median ({summary.worst_p99_s:.2f} worst), "
+            f"peak RSS {summary.worst_peak_rss_mb:.1f} MB worst; targets met in "
+            f"{summary.runs_meeting_targets} of {summary.runs} runs"
+        )
+
+
+def _named(label: str) -> str:
+    return f"{label}: " if label else ""
+
+
+def print_comparisons(comparisons: Sequence[Comparison]) -> None:
+    for one in comparisons:
+        rates = ", ".join(f"{ratio:.2f}" for ratio in one.pair_sessions_per_s_ratios)
+        p99s = ", ".join(f"{ratio:.2f}" for ratio in one.pair_p99_ratios)
+        print(
+            f"{one.sessions} sessions, {one.other} / {one.baseline}: "
+            f"sessions/s {one.sessions_per_s_ratio:.2f}x (pairs {rates}), "
+            f"p99 {one.p99_ratio:.2f}x (pairs {p99s})"
         )
 
 
@@ -561,6 +1011,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="telnet",
         help="the front door the callers use (default telnet)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        metavar="R",
+        help=f"compare R replicas sharing Redis (2..{MAX_REPLICAS}) with one keeping its state "
+        "in memory, both with rate limits and delivery confirmation on",
+    )
+    parser.add_argument(
+        "--relay",
+        action="store_true",
+        help="with --replicas: the fake relays every probe and delivers to a canary sink",
+    )
+    parser.add_argument(
+        "--redis-timeout",
+        type=float,
+        metavar="S",
+        help=f"with --replicas: the replicas' --redis-timeout, at most {MAX_REDIS_TIMEOUT_S:g} "
+        "(default: the service's)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(arguments)
     if not all(1 <= sessions <= MAX_SESSIONS for sessions in args.sessions):
@@ -569,20 +1038,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--repeat must be between 1 and {MAX_REPEAT}")
     if not 0 < args.timeout <= MAX_RUN_TIMEOUT_S:
         parser.error(f"--timeout must be above 0 and at most {MAX_RUN_TIMEOUT_S:g}")
+    if args.replicas is not None and not 2 <= args.replicas <= MAX_REPLICAS:
+        parser.error(f"--replicas must be between 2 and {MAX_REPLICAS}")
+    if args.replicas is None and (args.relay or args.redis_timeout is not None):
+        parser.error("--relay and --redis-timeout need --replicas")
+    if args.redis_timeout is not None and not 0 < args.redis_timeout <= MAX_REDIS_TIMEOUT_S:
+        parser.error(f"--redis-timeout must be above 0 and at most {MAX_REDIS_TIMEOUT_S:g}")
+    setups = (
+        (Setup(),)
+        if args.replicas is None
+        else compared_setups(args.replicas, args.relay, args.redis_timeout)
+    )
+    if any(setup.redis for setup in setups) and (missing := redis_available()):
+        parser.error(missing)
     raise_file_limit()
+    load_before = os.getloadavg()
     try:
-        runs = benchmark(args.sessions, args.repeat, args.timeout, args.door)
+        runs = benchmark(args.sessions, args.repeat, args.timeout, args.door, setups)
     except BenchmarkError as exc:
         print(f"load: {exc}", file=sys.stderr)
         return 1
+    load_after = os.getloadavg()
+    comparisons = compare(runs, setups[0].label, setups[-1].label) if len(setups) > 1 else []
     if args.json:
         report = {
+            "load_average_before": load_before,
+            "load_average_after": load_after,
             "runs": [run.as_json() for run in runs],
             "summaries": [summary.as_json() for summary in summarize(runs)],
+            "comparisons": [comparison.as_json() for comparison in comparisons],
         }
         print(json.dumps(report, indent=2))
     else:
         print_table(runs)
+        print_comparisons(comparisons)
+        print(
+            "load average (1/5/15 min) before "
+            + " ".join(f"{value:.2f}" for value in load_before)
+            + ", after "
+            + " ".join(f"{value:.2f}" for value in load_after)
+        )
     return 0
 
 

@@ -142,8 +142,9 @@ class CanaryRegistry(Protocol):
     answers too slowly; `InMemoryRegistry` never does.
     """
 
-    async def register(self, token: str, *, ttl: float) -> None:
-        """Hold `token` as pending for `ttl` seconds, from now by the wall clock."""
+    async def register(self, token: str, *, ttl: float) -> str:
+        """Hold `token` as pending for `ttl` seconds, from now by the wall clock; return its
+        `message_secret`. Raises `RegistryFull` when no more tokens may be pending."""
         ...
 
     async def is_pending(self, token: str) -> bool: ...
@@ -203,13 +204,14 @@ class InMemoryRegistry:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def register(self, token: str, *, ttl: float) -> None:
+    async def register(self, token: str, *, ttl: float) -> str:
         now = self._clock()
         if token not in self._entries and len(self._entries) >= self._max_entries:
             self._purge_expired(now)
             if len(self._entries) >= self._max_entries:
                 raise RegistryFull(f"{len(self._entries)} canary tokens pending")
         self._entries[token] = _Entry(registered_at=now, expires_at=now + ttl)
+        return await self.message_secret(token)
 
     async def is_pending(self, token: str) -> bool:
         entry = self._live_entry(token)

@@ -38,41 +38,40 @@ class Confirmer:
         self._operator = operator
         self._emit = emit
         self._probe_by_token: dict[str, str] = {}
+        self._registered: list[str] = []
         self._sent: dict[str, str] = {}
         self.registry_full = False
         """Some probes ran without a token: too many tests were waiting for mail."""
         self.registry_unavailable = False
         """The registry could not be reached: confirmation stopped there."""
 
-    async def token_for(self, probe: str) -> str | None:
-        """A fresh token for `probe`'s recipient, or None when the registry is full or
-        unavailable."""
+    def token_for(self, probe: str) -> str | None:
+        """A fresh token for `probe`'s recipient, or None once the registry is unavailable.
+
+        Nothing is registered yet: most servers refuse the recipient, and a token needs to be
+        pending only once a test message can follow (`message`). A relay passes a message on
+        only after its DATA, so registering between RCPT and DATA loses no arrival.
+        """
         if self.registry_unavailable:
             return None
         token = canary.new_token()
-        # Kept before registering, to be forgotten: a call that timed out may have registered.
         self._probe_by_token[token] = probe
-        try:
-            await self._registry.register(token, ttl=self._token_ttl)
-        except RegistryFull:
-            self.registry_full = True
-            return None
-        except RegistryUnavailable:
-            self.registry_unavailable = True
-            return None
         return token
 
     async def message(
         self, token: str, *, sender: str, recipient: str, tested_host: str
     ) -> bytes | None:
-        """The test message for the probe that `token` belongs to; None when the registry
-        cannot say the token's secret, and no message can prove anything."""
+        """Register `token` and return the test message for its probe; None when the registry
+        is full or cannot be reached, and no message could prove anything."""
+        # Kept before registering, to be forgotten: a call that timed out may have registered.
+        self._registered.append(token)
         try:
-            secret = await self._registry.message_secret(token)
+            secret = await self._registry.register(token, ttl=self._token_ttl)
+        except RegistryFull:
+            self.registry_full = True
+            return None
         except RegistryUnavailable:
             self.registry_unavailable = True
-            return None
-        if secret is None:
             return None
         return canary.test_message(
             token=token,
@@ -114,8 +113,7 @@ class Confirmer:
             self._emit(ConfirmationEnded(sent=tuple(sent.values()), wait_s=self._wait_s))
 
     async def forget(self) -> None:
-        """Drop every token of this test from the registry; one it cannot reach lets them
-        expire."""
-        if self._probe_by_token:
+        """Drop every token this test registered; a registry it cannot reach lets them expire."""
+        if self._registered:
             with contextlib.suppress(RegistryUnavailable):
-                await self._registry.forget(self._probe_by_token)
+                await self._registry.forget(self._registered)

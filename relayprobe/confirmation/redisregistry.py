@@ -148,22 +148,24 @@ class RedisRegistry:
             async with asyncio.timeout(self._timeout_s):
                 await self._redis.aclose()
 
-    async def register(self, token: str, *, ttl: float) -> None:
-        key = self._key(token)
+    async def register(self, token: str, *, ttl: float) -> str:
+        secret = secrets.token_hex(SECRET_HEX_CHARS // 2)
         entry = [
             *("registered_at", repr(time.time())),
-            *("secret", secrets.token_hex(SECRET_HEX_CHARS // 2)),
+            *("secret", secret),
             *("channel", self._channel),
         ]
 
         async def write() -> None:
+            # One round trip: a token registered again starts afresh.
             pipe = self._redis.pipeline(transaction=True)
-            pipe.delete(key)
-            pipe.hset(key, items=entry)
-            pipe.pexpire(key, max(1, math.ceil(ttl * 1000)))
+            pipe.delete(self._key(token))
+            pipe.hset(self._key(token), items=entry)
+            pipe.pexpire(self._key(token), max(1, math.ceil(ttl * 1000)))
             await pipe.execute()
 
         await self._bounded("register", write())
+        return secret
 
     async def is_pending(self, token: str) -> bool:
         registered, arrived = await self._bounded(

@@ -30,6 +30,7 @@ from relayprobe.confirmation.canary import CanaryRegistry, RegistryUnavailable, 
 from relayprobe.confirmation.sinklimits import Refusal, SinkGuard, SinkLimits
 from relayprobe.confirmation.sinktls import sink_tls_context
 from relayprobe.frontdoors.access import IPAddress, unmap_ipv4
+from relayprobe.frontdoors.tcpstate import LISTEN_BACKLOG
 
 # The sink's connections are known to its guard by their transports.
 _Guard = SinkGuard[asyncio.BaseTransport]
@@ -427,6 +428,7 @@ class CanarySink:
             lambda: _Gate(lambda transport: self._admit(transport, loop, connections, guard)),
             host,
             port,
+            backlog=LISTEN_BACKLOG,
             start_serving=False,
         )
         for listener in self._server.sockets:

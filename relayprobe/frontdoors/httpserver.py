@@ -35,14 +35,18 @@ import structlog
 
 from relayprobe.frontdoors.access import IPAddress, IPNetwork, peer_address
 from relayprobe.frontdoors.proxyproto import ProxyHeaderParser, read_proxy_header
-from relayprobe.frontdoors.tcpstate import PeerState, limit_send_queue, peer_state
+from relayprobe.frontdoors.tcpstate import (
+    LISTEN_BACKLOG,
+    PeerState,
+    limit_send_queue,
+    peer_state,
+)
 
 log = structlog.get_logger("relayprobe.http")
 
 MAX_HEAD_BYTES = 8192
 MAX_QUERY_FIELDS = 32
 TEXT_PLAIN = "text/plain; charset=utf-8"
-LISTEN_BACKLOG = 4096
 # What is read and dropped after the request, so that the client's FIN is seen; then no more.
 DISCARD_BYTES = 64 * 1024
 # How long an error response waits for the client to stop sending before the socket is closed:

@@ -15,6 +15,10 @@ import struct
 import termios
 from typing import Protocol
 
+# Every listener's accept queue: asyncio's default (100) drops SYNs of a burst of 1,000 callers
+# (or of relays delivering to the sink), who then wait seconds in retransmission.
+LISTEN_BACKLOG = 4096
+
 # tcp_states.h: after a reset or a full close the socket is in TCP_CLOSE.
 _TCP_CLOSE = 7
 _TCP_INFO = getattr(socket, "TCP_INFO", None)

@@ -24,7 +24,12 @@ from relayprobe.frontdoors.core import (
     Ticket,
 )
 from relayprobe.frontdoors.proxyproto import ProxyHeaderParser, read_proxy_header
-from relayprobe.frontdoors.tcpstate import PeerState, limit_send_queue, peer_state
+from relayprobe.frontdoors.tcpstate import (
+    LISTEN_BACKLOG,
+    PeerState,
+    limit_send_queue,
+    peer_state,
+)
 from relayprobe.frontdoors.telnetcodec import NO_OPERATION, TelnetInput, encode_line
 from relayprobe.operations.config import Endpoint
 from relayprobe.relaytest.events import Event
@@ -37,7 +42,6 @@ SHUTDOWN_MESSAGE = ":Service shutting down"
 WRITE_HIGH_WATER = 64 * 1024
 # What the kernel may hold for a caller: small, so that our own output cap is what counts.
 CALLER_SEND_BUFFER = 64 * 1024
-LISTEN_BACKLOG = 4096
 # While a caller that has sent FIN is silent, how often to check that it is still there.
 CALLER_CHECK_INTERVAL = 0.25
 CALLER_FIRST_CHECK = 0.01

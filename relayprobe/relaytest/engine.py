@@ -203,7 +203,7 @@ class _RelayTest:
     async def _run_probe(self, probe: Probe, context: ProbeContext) -> None:
         await self._checkpoint()
         self.emit(ProbeStarted(probe.name))
-        token = await self.confirmer.token_for(probe.name) if self.confirmer else None
+        token = self.confirmer.token_for(probe.name) if self.confirmer else None
         values = context.values(rcpt=canary.local_part(token) if token else "nobody")
         mail_from = render(probe.mail_from, values)
         rcpt_to = render(probe.rcpt_to, values)

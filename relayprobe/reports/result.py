@@ -15,8 +15,11 @@ RESULT_ID_BYTES = 16
 
 
 def new_result_id() -> str:
-    """An unguessable id for a stored result, safe in a URL path."""
-    return secrets.token_urlsafe(RESULT_ID_BYTES)
+    """An unguessable id for a stored result, safe in a URL path and on a command line: never
+    with a leading `-`, which `relayprobe history --show ID` would take for an option."""
+    while (result_id := secrets.token_urlsafe(RESULT_ID_BYTES)).startswith("-"):
+        pass
+    return result_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

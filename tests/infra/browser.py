@@ -73,8 +73,9 @@ class Browser:
 
     def collect(self) -> None:
         """Move the driver's buffered logs (which reading empties) into `console`/`requested`."""
-        self.console.extend(self.driver.get_log("browser"))
-        for entry in self.driver.get_log("performance"):
+        # Selenium leaves get_log untyped: it returns a list of dicts.
+        self.console.extend(self.driver.get_log("browser"))  # type: ignore[no-untyped-call]
+        for entry in self.driver.get_log("performance"):  # type: ignore[no-untyped-call]
             message = json.loads(entry["message"])["message"]
             if message["method"] == "Network.requestWillBeSent":
                 self.requested.append(message["params"]["request"]["url"])
