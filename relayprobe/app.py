@@ -12,57 +12,32 @@ import contextlib
 import functools
 import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import structlog
-from redis.asyncio import Redis
 
 from relayprobe.confirmation.canary import CanaryRegistry, InMemoryRegistry
-from relayprobe.confirmation.redisregistry import RedisRegistry
 from relayprobe.confirmation.sink import CanarySink
 from relayprobe.confirmation.sinktls import SinkTLSError, sink_tls_context
-from relayprobe.frontdoors.core import SessionCore, rate_limits
-from relayprobe.frontdoors.sharedlimits import SharedRateLimiter
-from relayprobe.frontdoors.telnet import ReflectorService, StartupError, bind_advice
+from relayprobe.frontdoors.core import SessionCore
+from relayprobe.frontdoors.telnet import ReflectorService
 from relayprobe.frontdoors.web import StoredResults, WebFrontDoor
 from relayprobe.operations.config import Endpoint, Settings
 from relayprobe.operations.metrics import Metrics
 from relayprobe.operations.opshttp import OperatorHTTP, Readiness
-from relayprobe.storage import redisclient
-from relayprobe.storage.history import HISTORY_ERRORS, error_line, history_location, open_history
+from relayprobe.operations.startup import StartupError, bind_advice
+from relayprobe.storage.history import error_line, history_errors, history_location, open_history
 from relayprobe.storage.historywriter import HistoryWriter
 
+if TYPE_CHECKING:
+    from relayprobe.storage.sharedstate import RedisState
+
 log = structlog.get_logger("relayprobe")
-
-
-# Admissions are short and one at a time per caller: a few connections carry them all.
-RATE_LIMIT_CONNECTIONS = 20
 
 
 def local_registry(settings: Settings) -> InMemoryRegistry | None:
     """The token registry of one process (`check`, the demo) when delivery confirmation is on."""
     return InMemoryRegistry() if settings.confirmation_off_reason() is None else None
-
-
-def new_registry(settings: Settings, metrics: Metrics) -> CanaryRegistry | None:
-    """The service's token registry when delivery confirmation is on: in Redis when replicas
-    share it."""
-    if settings.redis_url is None or settings.confirmation_off_reason() is not None:
-        return local_registry(settings)
-    return RedisRegistry(
-        settings.redis_url,
-        timeout_s=settings.redis_timeout,
-        on_unavailable=metrics.registry_failure,
-    )
-
-
-def shared_limits(settings: Settings, client: Redis, metrics: Metrics) -> SharedRateLimiter:
-    """The rate limits counted in Redis for every replica."""
-    return SharedRateLimiter(
-        client,
-        timeout_s=settings.redis_timeout,
-        on_fallback=metrics.rate_limit_fallback,
-        **rate_limits(settings),
-    )
 
 
 def sink_tls(settings: Settings) -> ssl.SSLContext:
@@ -112,22 +87,14 @@ class Application:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = new_registry(settings, self.metrics)
-        # A client of its own, so that a flood of registry calls never delays an admission.
-        self.rate_limit_redis = (
-            redisclient.connect(
-                settings.redis_url,
-                timeout_s=settings.redis_timeout,
-                max_connections=RATE_LIMIT_CONNECTIONS,
-            )
-            if settings.redis_url is not None and settings.rate_limit
-            else None
-        )
-        self.shared_limits = (
-            None
-            if self.rate_limit_redis is None
-            else shared_limits(settings, self.rate_limit_redis, self.metrics)
-        )
+        self.redis: RedisState | None = None
+        self.registry: CanaryRegistry | None = local_registry(settings)
+        if settings.redis_url is not None:
+            # Imported here: a single process never loads redis-py.
+            from relayprobe.storage.sharedstate import RedisState
+
+            self.redis = RedisState.from_settings(settings.redis_url, settings, self.metrics)
+            self.registry = self.redis.registry
         open_backend = functools.partial(
             open_history, state_dir=settings.state_dir, database_url=settings.database_url
         )
@@ -145,7 +112,7 @@ class Application:
             registry=self.registry,
             metrics=self.metrics,
             on_result=self.history.submit if self.history is not None else None,
-            limits=self.shared_limits,
+            limits=None if self.redis is None else self.redis.limits,
         )
         self.reflector = ReflectorService(self.core)
         self.web = WebFrontDoor(
@@ -184,12 +151,9 @@ class Application:
             log.warning("delivery_confirmation_off", reason=self.settings.confirmation_off_reason())
 
     async def _start(self) -> None:
-        if self.rate_limit_redis is not None:
-            self._stack.push_async_callback(self.rate_limit_redis.aclose)
-        if isinstance(self.registry, RedisRegistry):
-            # Redis away at the start is no reason to stop: the registry keeps trying, tests run.
-            await self.registry.start()
-            self._stack.push_async_callback(self.registry.aclose)
+        if self.redis is not None:
+            self._stack.push_async_callback(self.redis.aclose)
+            await self.redis.start()
         if self.history is not None:
             await self._start_history(self.history)
             self._stack.push_async_callback(self.history.stop)
@@ -217,7 +181,7 @@ class Application:
         settings = self.settings
         try:
             await history.start()
-        except HISTORY_ERRORS as exc:
+        except history_errors() as exc:
             number = exc.errno if isinstance(exc, OSError) else None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else error_line(exc)
             where = history_location(
@@ -238,11 +202,7 @@ class Application:
         ready = bool(self.reflector.servers) and (
             self.registry is None or self.sink_address is not None
         )
-        degraded = []
-        if isinstance(self.registry, RedisRegistry) and self.registry.last_error is not None:
-            degraded.append(f"token registry: {self.registry.last_error}")
-        if self.shared_limits is not None and self.shared_limits.degraded:
-            degraded.append(f"rate limits per replica: {self.shared_limits.last_error}")
+        degraded = [] if self.redis is None else self.redis.degraded()
         if self.history is not None and self.history.last_error is not None:
             degraded.append(f"history: {self.history.last_error}")
         return Readiness(ready, tuple(degraded))

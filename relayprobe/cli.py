@@ -1,43 +1,25 @@
-"""The `relayprobe` command: check, serve, demo."""
+"""The `relayprobe` command: check, serve, history, demo.
+
+Each command imports what it needs when it runs, not before: `relayprobe --help` and `check`
+start in about the time Python takes to load asyncio and aiosmtplib, without the service's
+HTTP, metrics, sink, Redis or database modules (tests/test_cli.py keeps it so).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
-import datetime
-import ipaddress
-import json
 import logging
 import os
-import resource
-import signal
-import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, NoReturn
-
-import structlog
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from relayprobe import __version__
-from relayprobe.app import Application, canary_sink, local_registry, sink_tls
-from relayprobe.demo import run_demo
-from relayprobe.frontdoors.core import SessionCore
-from relayprobe.frontdoors.telnet import StartupError
-from relayprobe.operations import runtime
 from relayprobe.operations.config import ConfigError, Settings, add_options, load_settings
-from relayprobe.operations.logsetup import configure_logging
-from relayprobe.relaytest.events import Event
-from relayprobe.relaytest.sanitize import sanitize_text
-from relayprobe.reports.historyformat import format_entry, format_table
-from relayprobe.storage.history import (
-    HISTORY_ERRORS,
-    error_line,
-    history_location,
-    open_history,
-)
-from relayprobe.storage.store import DATABASE_NAME
+from relayprobe.operations.startup import StartupError
+
+if TYPE_CHECKING:
+    from relayprobe.relaytest.events import Event
 
 # An accepted probe is not an open relay until a test message arrives: "accepted" has a status
 # of its own, so that a script never calls an unproven server open (the qmail case).
@@ -56,7 +38,17 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+COMMANDS = ("check", "serve", "history", "demo")
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """The command line's parser, with the settings' options on `command` alone: each command
+    takes some ninety, and argparse would check every one of them for all four commands."""
+
+    def options_for(subparser: argparse.ArgumentParser, name: str) -> None:
+        if name == command:
+            add_options(subparser, name)
+
     parser = _ArgumentParser(
         prog="relayprobe", description="Test a mail server for third-party relaying."
     )
@@ -73,12 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "target", metavar="TARGET", help="IP address or host name of the mail server"
     )
     check.add_argument("--json", action="store_true", help="print the JSON result instead")
-    add_options(check, "check")
+    options_for(check, "check")
     serve = commands.add_parser("serve", help="run the telnet reflector service")
     serve.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
-    add_options(serve, "serve")
+    options_for(serve, "serve")
     history = commands.add_parser("history", help="list stored results, or show one")
     history.add_argument(
         "address", nargs="?", metavar="ADDRESS", help="only results for this address"
@@ -88,13 +80,17 @@ def _parser() -> argparse.ArgumentParser:
         "--show", metavar="ID", help="print one result in full, by its ID or public ID"
     )
     history.add_argument("--json", action="store_true", help="print JSON results")
-    add_options(history, "history")
+    options_for(history, "history")
     demo = commands.add_parser("demo", help="show the service against two fake mail servers")
-    add_options(demo, "demo")
+    options_for(demo, "demo")
     return parser
 
 
 async def _resolve(target: str, port: int) -> str:
+    import asyncio
+    import ipaddress
+    import socket
+
     try:
         return str(ipaddress.ip_address(target))
     except ValueError:
@@ -107,6 +103,12 @@ async def _resolve(target: str, port: int) -> str:
 
 
 async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
+    import dataclasses
+    import ipaddress
+    import json
+
+    from relayprobe.testrun import run_test
+
     address = ipaddress.ip_address(await _resolve(target, settings.target_port))
 
     def show(event: Event, lines: tuple[str, ...]) -> None:
@@ -114,10 +116,18 @@ async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
             for line in lines:
                 print(line, flush=True)
 
-    registry = local_registry(settings)
-    async with canary_sink(settings, registry):
-        core = SessionCore(dataclasses.replace(settings, motd=""), registry=registry)
-        result = await core.run(address, show)
+    settings = dataclasses.replace(settings, motd="")
+    if settings.confirmation_off_reason() is not None:
+        result = await run_test(settings, address, show)
+    else:
+        # The sink (aiosmtpd, the service's wiring and its logging) only when it is asked for.
+        from relayprobe.app import canary_sink, local_registry
+        from relayprobe.operations.logsetup import configure_logging
+
+        configure_logging("console", level=logging.WARNING)
+        registry = local_registry(settings)
+        async with canary_sink(settings, registry):
+            result = await run_test(settings, address, show, registry=registry)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     return EXIT_BY_VERDICT[result.verdict]
@@ -125,12 +135,21 @@ async def _check(target: str, settings: Settings, *, as_json: bool) -> int:
 
 def _raise_open_file_limit() -> None:
     """Each session holds two sockets: allow as many open files as the system lets us."""
+    import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def _serve(settings: Settings) -> int:
+    import asyncio
+    import signal
+
+    import structlog
+
+    from relayprobe.app import Application
+
     log = structlog.get_logger("relayprobe")
     _raise_open_file_limit()
     app = Application(settings)
@@ -147,6 +166,20 @@ async def _serve(settings: Settings) -> int:
 
 
 def _history(settings: Settings, args: dict[str, Any]) -> int:
+    import datetime
+    import json
+    from pathlib import Path
+
+    from relayprobe.relaytest.sanitize import sanitize_text
+    from relayprobe.reports.historyformat import format_entry, format_table
+    from relayprobe.storage.history import (
+        error_line,
+        history_errors,
+        history_location,
+        open_history,
+    )
+    from relayprobe.storage.store import DATABASE_NAME
+
     if args["limit"] < 1:
         raise UsageError("--limit must be at least 1")
     state_dir, database_url = settings.state_dir, settings.database_url
@@ -173,7 +206,7 @@ def _history(settings: Settings, args: dict[str, Any]) -> int:
                 entries = store.recent(address=args["address"], limit=args["limit"])
     except UsageError:
         raise
-    except HISTORY_ERRORS as exc:
+    except history_errors() as exc:
         where = history_location(state_dir=state_dir, database_url=database_url)
         raise UsageError(f"cannot read the history in {where}: {error_line(exc)}") from None
     except ValueError as exc:
@@ -190,24 +223,33 @@ def _history(settings: Settings, args: dict[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word: the only options before it are --help and --version.
+    args = vars(_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv))
     command = args.pop("command")
     try:
         settings = load_settings(args)
+        if command == "history":
+            return _history(settings, args)
+        from relayprobe.operations import runtime
+
         if command == "check":
-            configure_logging("console", level=logging.WARNING)
             return runtime.run(_check(args["target"], settings, as_json=args["json"]))
+        from relayprobe.operations.logsetup import configure_logging
+
         if command == "serve":
             if args["check_config"]:
                 if settings.sink_tls_cert is not None:
+                    from relayprobe.app import sink_tls
+
                     sink_tls(settings)
                 print("configuration OK")
                 return 0
             configure_logging(settings.log_format)
             return runtime.run(_serve(settings))
-        if command == "history":
-            return _history(settings, args)
         if command == "demo":
+            from relayprobe.demo import run_demo
+
             configure_logging(settings.log_format, level=logging.WARNING)
             runtime.run(run_demo(settings))
             return 0

@@ -103,3 +103,63 @@ async def test_unreachable_server_is_incomplete_exit_3() -> None:
         "one (--sink-listen ADDR:PORT) and point the MX of relaytest.invalid at it",
         "Note: the test did not finish, so it says nothing yet about relaying",
     ]
+
+
+# What a command may not load: the service's parts. Importing is deterministic, so this holds
+# on any machine; benchmarks/startup.py measures what it saves.
+SERVICE_MODULES = (
+    "aiosmtpd",
+    "prometheus_client",
+    "h11",
+    "redis",
+    "psycopg",
+    "sqlite3",
+    "relayprobe.app",
+    "relayprobe.confirmation.sink",
+    "relayprobe.operations.metrics",
+    "relayprobe.frontdoors.httpserver",
+    "relayprobe.frontdoors.telnet",
+)
+_LOADED_BY = """
+import json, sys
+from relayprobe.cli import main
+try:
+    status = main(sys.argv[1:])
+except SystemExit as exc:
+    status = exc.code
+print(json.dumps([status, sorted(sys.modules)]), file=sys.stderr)
+"""
+
+
+async def modules_loaded_by(*argv: str) -> tuple[int, set[str]]:
+    """Run the command in a fresh interpreter: its exit status and every module it loaded."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", _LOADED_BY, *argv),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        _, err = await process.communicate()
+    status, modules = json.loads(err.decode().splitlines()[-1])
+    return status, set(modules)
+
+
+def loaded(modules: set[str], packages: tuple[str, ...]) -> set[str]:
+    return {name for name in modules if name.split(".")[0] in packages or name in packages}
+
+
+async def test_check_loads_none_of_the_service(start_server: StartServer) -> None:
+    port = await start_server(FakeMailServer(relay=relays_nothing))
+    status, modules = await modules_loaded_by("check", "127.0.0.1", "--port", str(port))
+    assert status == 0
+    assert "relayprobe.relaytest.engine" in modules  # the test did run
+    assert {
+        m for m in modules if m in SERVICE_MODULES or m.split(".")[0] in SERVICE_MODULES
+    } == set()
+    assert loaded(modules, ("dns", "cryptography")) == set()  # no PTR of loopback, no TLS
+
+
+async def test_help_loads_no_network_code() -> None:
+    status, modules = await modules_loaded_by("--help")
+    assert status == 0
+    assert loaded(modules, ("asyncio", "aiosmtplib", "structlog", *SERVICE_MODULES)) == set()

@@ -29,7 +29,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 from relayprobe.confirmation.canary import CanaryRegistry, RegistryUnavailable, token_from_address
 from relayprobe.confirmation.sinklimits import Refusal, SinkGuard, SinkLimits
 from relayprobe.confirmation.sinktls import sink_tls_context
-from relayprobe.frontdoors.access import IPAddress, unmap_ipv4
+from relayprobe.frontdoors.addresses import IPAddress, unmap_ipv4
 from relayprobe.frontdoors.tcpstate import LISTEN_BACKLOG
 
 # The sink's connections are known to its guard by their transports.

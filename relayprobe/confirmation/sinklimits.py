@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from relayprobe.frontdoors.access import IPAddress, unmap_ipv4
+from relayprobe.frontdoors.addresses import IPAddress, unmap_ipv4
 
 Refusal = Literal["capacity", "address", "prefix"]
 # (IP version, network number): one prefix.

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import ipaddress
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -26,22 +25,20 @@ from relayprobe.frontdoors.access import (
     RateDecision,
     RateLimiter,
     Refusal,
-    parse_network,
     rate_refusal,
 )
+from relayprobe.frontdoors.addresses import IPAddress, parse_network
 from relayprobe.operations.config import Settings
-from relayprobe.operations.metrics import Metrics
-from relayprobe.relaytest.engine import run_relay_test
-from relayprobe.relaytest.events import Event, Outcome, Received, ServiceMessage, Summary
-from relayprobe.reports.render import MAX_KEPT_CHARS, Transcript
+from relayprobe.relaytest.engine import Checkpoint
+from relayprobe.relaytest.events import Event, Outcome, Received
 from relayprobe.reports.result import TestResult, new_result_id
+from relayprobe.testrun import OnLines, run_test
+
+if TYPE_CHECKING:
+    from relayprobe.operations.metrics import Metrics
 
 log = structlog.get_logger("relayprobe.session")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Checkpoint = Callable[[], Awaitable[None]]
-OnLines = Callable[[Event, tuple[str, ...]], None]
-"""Each event of a test, with its transcript lines (the last block ends with the link)."""
 OnResult = Callable[[TestResult], None]
 
 BUSY = Refusal("busy", "Too many tests running, try again in a minute", retry_after_s=60)
@@ -139,9 +136,15 @@ class SessionCore:
         limits: Limits | None = None,
     ) -> None:
         """`limits` are the rate limits; by default (with `rate_limit` on) this process's own."""
+        if metrics is None:
+            # Here, not at the top: a core made without metrics (the demo, tests) still counts,
+            # and only then is prometheus_client loaded.
+            from relayprobe.operations.metrics import Metrics
+
+            metrics = Metrics()
         self.settings = settings
         self.registry = registry
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         self.on_result = on_result
         self.options = settings.test_options()
         self.policy = AccessPolicy(allow=settings.allow, deny=settings.deny)
@@ -266,27 +269,18 @@ class SessionCore:
         result_id: str | None = None,
         seen: Callable[[Event], None] | None = None,
     ) -> TestResult:
-        """Test `target` without admission (what `check` does); each event goes to `on_lines`
-        with its transcript lines, and a bounded copy of the transcript goes into the result."""
-        transcript = Transcript(max_chars=MAX_KEPT_CHARS)
-        url = None if result_id is None else self.result_url(result_id)
-
-        def emit(event: Event) -> None:
-            if seen is not None:
-                seen(event)
-            lines = transcript.add(event)
-            if isinstance(event, Summary) and url is not None:
-                link = f"Full result: {url}"
-                transcript.lines.append(link)
-                lines = (*lines, link)
-            on_lines(event, lines)
-
-        if self.settings.motd:
-            emit(ServiceMessage(tuple(self.settings.motd.splitlines())))
-        summary = await run_relay_test(
-            str(target), self.options, emit, registry=self.registry, checkpoint=checkpoint
+        """Test `target` without admission, with this service's registry and links."""
+        return await run_test(
+            self.settings,
+            target,
+            on_lines,
+            options=self.options,
+            registry=self.registry,
+            checkpoint=checkpoint,
+            result_id=result_id,
+            result_url=None if result_id is None else self.result_url(result_id),
+            seen=seen,
         )
-        return TestResult(summary=summary, transcript=tuple(transcript.lines), result_id=result_id)
 
     def _done(
         self,

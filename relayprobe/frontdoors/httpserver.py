@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl
 import h11
 import structlog
 
-from relayprobe.frontdoors.access import IPAddress, IPNetwork, peer_address
+from relayprobe.frontdoors.addresses import IPAddress, IPNetwork, peer_address
 from relayprobe.frontdoors.proxyproto import ProxyHeaderParser, read_proxy_header
 from relayprobe.frontdoors.tcpstate import (
     LISTEN_BACKLOG,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from relayprobe.frontdoors.access import unmap_ipv4
+from relayprobe.frontdoors.addresses import unmap_ipv4
 
 V1_PREFIX = b"PROXY "
 # The spec's worst case: "PROXY UNKNOWN" + two full-length IPv6 addresses + ports + CRLF.

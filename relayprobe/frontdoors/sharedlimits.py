@@ -24,13 +24,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from relayprobe.frontdoors.access import (
-    IPAddress,
     RateDecision,
     RateLimiter,
     RateLimitOptions,
     RateLimits,
     longest_wait,
 )
+from relayprobe.frontdoors.addresses import IPAddress
 from relayprobe.relaytest.sanitize import sanitize_text
 
 log = structlog.get_logger("relayprobe.frontdoors.sharedlimits")

@@ -8,17 +8,16 @@ nothing the caller types is used except to notice Ctrl-C.
 from __future__ import annotations
 
 import asyncio
-import errno
 import time
 from collections.abc import Callable
 from typing import cast
 
 import structlog
 
-from relayprobe.frontdoors.access import TokenBucket, peer_address
+from relayprobe.frontdoors.access import TokenBucket
+from relayprobe.frontdoors.addresses import IPAddress, peer_address
 from relayprobe.frontdoors.core import (
     EndReason,
-    IPAddress,
     RunningTest,
     SessionCore,
     Ticket,
@@ -32,6 +31,7 @@ from relayprobe.frontdoors.tcpstate import (
 )
 from relayprobe.frontdoors.telnetcodec import NO_OPERATION, TelnetInput, encode_line
 from relayprobe.operations.config import Endpoint
+from relayprobe.operations.startup import StartupError, bind_advice
 from relayprobe.relaytest.events import Event
 from relayprobe.reports.result import TestResult
 
@@ -47,10 +47,6 @@ CALLER_CHECK_INTERVAL = 0.25
 CALLER_FIRST_CHECK = 0.01
 # How long a probe waits for a caller that has sent FIN to acknowledge what we wrote.
 CALLER_CHECK_TIMEOUT = 1.0
-
-
-class StartupError(OSError):
-    """The service cannot start; the message says why and how to fix it."""
 
 
 class TelnetSession(asyncio.Protocol):
@@ -385,18 +381,3 @@ class ReflectorService:
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         await self.close_listeners()
-
-
-def bind_advice(endpoint: Endpoint, exc: OSError, *, option: str = "--listen") -> str:
-    """One line on why `endpoint` can't be bound and what to do about it."""
-    if exc.errno == errno.EACCES:
-        return (
-            f"cannot listen on {endpoint}: permission denied; ports below 1024 need root or "
-            "CAP_NET_BIND_SERVICE (e.g. AmbientCapabilities= in the systemd unit), "
-            f"or give {option} a port above 1023"
-        )
-    if exc.errno == errno.EADDRINUSE:
-        return f"cannot listen on {endpoint}: the address is already in use"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"cannot listen on {endpoint}: no such address on this machine"
-    return f"cannot listen on {endpoint}: {exc.strerror or exc}"

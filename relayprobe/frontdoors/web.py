@@ -20,11 +20,13 @@ from typing import Any
 import structlog
 
 from relayprobe.frontdoors.access import Refusal
-from relayprobe.frontdoors.core import EndReason, IPAddress, RunningTest, SessionCore, Ticket
+from relayprobe.frontdoors.addresses import IPAddress
+from relayprobe.frontdoors.core import EndReason, RunningTest, SessionCore, Ticket
 from relayprobe.frontdoors.httpserver import Exchange, HTTPServer, Request, Response
-from relayprobe.frontdoors.telnet import SHUTDOWN_MESSAGE, StartupError, bind_advice
+from relayprobe.frontdoors.telnet import SHUTDOWN_MESSAGE
 from relayprobe.frontdoors.webrouting import NDJSON, Action, Format, Route, forwarded_caller, route
 from relayprobe.operations.config import Endpoint
+from relayprobe.operations.startup import StartupError, bind_advice
 from relayprobe.relaytest.events import Event, ServiceMessage
 from relayprobe.reports.render import ndjson_records
 from relayprobe.reports.result import TestResult
@@ -35,9 +37,9 @@ from relayprobe.reports.webpages import (
     result_page,
 )
 from relayprobe.storage.history import (
-    HISTORY_ERRORS,
     HistoryUnavailableError,
     error_line,
+    history_errors,
     is_unavailable,
 )
 from relayprobe.storage.historywriter import HistoryWriter
@@ -128,7 +130,7 @@ class StoredResults:
                 return await asyncio.shield(lookup)
         except TimeoutError:
             reason = f"no answer in {self.timeout_s:g} s"
-        except HISTORY_ERRORS as exc:
+        except history_errors() as exc:
             if not is_unavailable(exc):
                 raise
             reason = error_line(exc)

@@ -12,18 +12,19 @@ import dataclasses
 import ipaddress
 import math
 import os
-import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from relayprobe.confirmation.sinklimits import SinkLimits
-from relayprobe.frontdoors.access import parse_network
-from relayprobe.relaytest.engine import RelayTestOptions
+from relayprobe.frontdoors.addresses import parse_network
 from relayprobe.relaytest.hostname import is_hostname
+from relayprobe.relaytest.options import RelayTestOptions
 from relayprobe.relaytest.probes import SUITES, AddressForm, Probe, build_suite
+
+if TYPE_CHECKING:
+    from relayprobe.confirmation.sinklimits import SinkLimits
 
 ENV_PREFIX = "RELAYPROBE_"
 
@@ -716,6 +717,9 @@ class Settings:
 
     def sink_limits(self) -> SinkLimits:
         """The canary sink's limits; `ValueError` when they contradict each other."""
+        # Here, not at the top: only the service and `check` with a sink need them.
+        from relayprobe.confirmation.sinklimits import SinkLimits
+
         return SinkLimits(
             max_connections=self.sink_max_connections,
             reserved_connections=self.sink_reserved_connections,
@@ -848,6 +852,8 @@ def _parse(key: str, raw: object, label: str) -> Any:
 
 
 def read_file(path: str) -> dict[str, Any]:
+    import tomllib  # here: most commands run without a config file
+
     try:
         with Path(path).open("rb") as file:
             return tomllib.load(file)
@@ -890,10 +896,11 @@ def load_settings(
         raise ConfigError(f"probes: {exc}") from None
     if not settings.listen:
         raise ConfigError("listen: give at least one ADDR:PORT")
-    try:
-        settings.sink_limits()
-    except ValueError as exc:
-        raise ConfigError(f"sink limits: {exc}") from None
+    if settings.sink_listen is not None:
+        try:
+            settings.sink_limits()
+        except ValueError as exc:
+            raise ConfigError(f"sink limits: {exc}") from None
     if (settings.sink_tls_cert is None) != (settings.sink_tls_key is None):
         raise ConfigError(
             "sink_tls_cert and sink_tls_key: give both, or neither for a throwaway certificate"

@@ -11,7 +11,6 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from relayprobe.confirmation import canary
@@ -32,7 +31,8 @@ from relayprobe.relaytest.events import (
     TlsDemanded,
 )
 from relayprobe.relaytest.opener import SessionOpener, TlsUnavailable
-from relayprobe.relaytest.probes import CLASSIC, Probe, ProbeContext, address_literal, render
+from relayprobe.relaytest.options import RelayTestOptions
+from relayprobe.relaytest.probes import Probe, ProbeContext, address_literal, render
 from relayprobe.relaytest.rdns import lookup_ptr
 from relayprobe.relaytest.sanitize import sanitize_line
 from relayprobe.relaytest.smtpclient import Reply
@@ -42,30 +42,6 @@ from relayprobe.relaytest.verdict import asks_for_tls, classify
 Emit = Callable[[Event], None]
 Checkpoint = Callable[[], Awaitable[None]]
 PtrLookup = Callable[..., Coroutine[Any, Any, str | None]]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RelayTestOptions:
-    port: int = 25
-    suite: tuple[Probe, ...] = CLASSIC
-    helo_name: str = "relayprobe.invalid"
-    test_domain: str = "relaytest.invalid"
-    foreign_domain: str = "example.net"
-    connect_timeout: float = 10.0
-    reply_timeout: float = 30.0
-    deadline: float = 300.0
-    rdns_timeout: float = 2.0
-    # Stock Postfix slows down after 10 errors and drops at 20; Exim drops after 3 syntax errors.
-    max_errors_per_session: int = 8
-    max_syntax_errors_per_session: int = 2
-    confirm_wait: float = 30.0
-    starttls: str = "auto"
-    """`auto`: plaintext, STARTTLS when the server requires it; `always`: STARTTLS whenever
-    offered; `never`."""
-    operator: str = "relayprobe"
-    """Who runs the test, named in the body of the test messages."""
-    notes: tuple[str, ...] = ()
-    """Extra `Note:` lines for the summary, from the caller."""
 
 
 class TlsRequired(Exception):

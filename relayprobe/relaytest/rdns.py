@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
-
 from relayprobe.relaytest.hostname import is_hostname
 
 
@@ -18,6 +14,11 @@ async def lookup_ptr(address: str, *, timeout: float) -> str | None:
     """
     if ipaddress.ip_address(address).is_loopback:
         return None
+    # Imported on first use: dnspython takes longer to load than a whole `check` of a closed
+    # server on the local network, and a loopback target needs none of it.
+    import dns.asyncresolver
+    import dns.exception
+
     try:
         answer = await dns.asyncresolver.resolve_address(address, lifetime=timeout)
     except (dns.exception.DNSException, OSError):

@@ -17,7 +17,7 @@ import structlog
 
 from relayprobe.relaytest.sanitize import sanitize_text
 from relayprobe.reports.result import TestResult
-from relayprobe.storage.history import HISTORY_ERRORS, error_line, is_unavailable
+from relayprobe.storage.history import error_line, history_errors, is_unavailable
 from relayprobe.storage.schema import HistoryBackend
 
 
@@ -109,7 +109,7 @@ class HistoryWriter:
     async def start(self) -> None:
         """Prune now, then save in the background.
 
-        Raises one of `history.HISTORY_ERRORS` when the database can't be created or written,
+        Raises one of `history.history_errors()` when the database can't be created or written,
         so that a service doesn't run with a history that can only fail. A database that is
         unavailable for now (locked, unreachable) is no such proof: it is logged, and the
         writer starts and retries.
@@ -123,7 +123,7 @@ class HistoryWriter:
         try:
             with self._open_backend() as backend:
                 self._prune(backend)
-        except HISTORY_ERRORS as exc:
+        except history_errors() as exc:
             if not is_unavailable(exc):
                 raise
             self._log.error("history.prune_failed", error=error_line(exc))
@@ -189,7 +189,7 @@ class HistoryWriter:
         while not self._abandoned.is_set():
             try:
                 outcomes: Sequence[int | Exception] = self._open().save_batch(batch)
-            except HISTORY_ERRORS as exc:
+            except history_errors() as exc:
                 if not is_unavailable(exc):
                     self._refused(batch, exc)
                     return
@@ -254,7 +254,7 @@ class HistoryWriter:
     def _prune_logging_failures(self) -> None:
         try:
             self._prune(self._open())
-        except HISTORY_ERRORS as exc:
+        except history_errors() as exc:
             if is_unavailable(exc):
                 self._close()
             self._log.error("history.prune_failed", error=error_line(exc))

@@ -28,11 +28,12 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Self
-
-import psycopg
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from relayprobe.reports.result import TestResult, new_result_id
+
+if TYPE_CHECKING:
+    import psycopg
 
 COUNT_FIELDS = ("accepted", "relayed", "deferred", "rejected", "errors")
 
@@ -135,7 +136,7 @@ class HistoryBackend(abc.ABC):
     """The history in one engine: the checks and queries here, the driver in each backend.
 
     Use from one thread at a time. Every call is bounded by the backend's timeouts and raises
-    the engine's errors (`history.HISTORY_ERRORS`) when the database fails.
+    the engine's errors (`history.history_errors()`) when the database fails.
     """
 
     placeholder: ClassVar[str]

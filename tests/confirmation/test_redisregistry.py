@@ -17,7 +17,8 @@ from relayprobe.confirmation.canary import SECRET_HEX_CHARS, RegistryUnavailable
 from relayprobe.confirmation.redisregistry import RETRY_S, RedisRegistry
 from relayprobe.confirmation.sink import CanarySink
 from relayprobe.fakemx import FakeMailServer, relays_everything
-from relayprobe.relaytest.engine import RelayTestOptions, run_relay_test
+from relayprobe.relaytest.engine import run_relay_test
+from relayprobe.relaytest.options import RelayTestOptions
 from relayprobe.reports.render import Transcript
 from tests.confirmation.test_sink import DOMAIN, Client, address, proof_message
 from tests.conftest import StartServer

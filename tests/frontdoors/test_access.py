@@ -8,15 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayprobe.frontdoors.access import (
-    AccessPolicy,
-    IPAddress,
-    RateDecision,
-    RateLimiter,
-    RateLimits,
-    parse_network,
-    unmap_ipv4,
-)
+from relayprobe.frontdoors.access import AccessPolicy, RateDecision, RateLimiter, RateLimits
+from relayprobe.frontdoors.addresses import IPAddress, parse_network, unmap_ipv4
 
 ALLOWED = RateDecision(allowed=True)
 

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from relayprobe.frontdoors.access import IPAddress
+from relayprobe.frontdoors.addresses import IPAddress
 from relayprobe.frontdoors.httpserver import (
     BUSY,
     MAX_HEAD_BYTES,

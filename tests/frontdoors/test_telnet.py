@@ -21,7 +21,7 @@ import pytest
 
 from relayprobe.confirmation.canary import InMemoryRegistry
 from relayprobe.fakemx import FakeMailServer, SessionState, relays_everything, relays_nothing
-from relayprobe.frontdoors.access import peer_address
+from relayprobe.frontdoors.addresses import peer_address
 from relayprobe.frontdoors.core import BUSY, SessionCore
 from relayprobe.frontdoors.telnet import (
     CALLER_SEND_BUFFER,

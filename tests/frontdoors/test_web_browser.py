@@ -33,8 +33,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from relayprobe.app import Application
 from relayprobe.fakemx import FakeMailServer, relays_everything
-from relayprobe.frontdoors.telnet import StartupError
 from relayprobe.operations.config import Endpoint, Settings
+from relayprobe.operations.startup import StartupError
 from relayprobe.reports.webpages import VERDICT_HEADLINES
 from tests.infra.browser import Browser, assert_clean, wait_for
 from tests.infra.haproxy import free_port

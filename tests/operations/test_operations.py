@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relayprobe.app import Application
 from relayprobe.fakemx import FakeMailServer
-from relayprobe.frontdoors.telnet import StartupError
 from relayprobe.operations.config import Endpoint, Settings
 from relayprobe.operations.metrics import REFUSAL_REASONS, VERDICTS
+from relayprobe.operations.startup import StartupError
 from relayprobe.storage.store import DATABASE_NAME, HistoryStore
 from tests.infra.command import Completed, environment, relayprobe
 from tests.infra.dataservers import PostgresServer

@@ -19,8 +19,9 @@ from relayprobe.fakemx import (
     relays_nothing,
 )
 from relayprobe.relaytest import conversation
-from relayprobe.relaytest.engine import RelayTestOptions, run_relay_test
+from relayprobe.relaytest.engine import run_relay_test
 from relayprobe.relaytest.events import Event, Outcome, Progress, Received, Summary
+from relayprobe.relaytest.options import RelayTestOptions
 from relayprobe.reports.render import Transcript
 from tests.conftest import StartServer
 
