@@ -11,10 +11,18 @@ Per run the table shows the sessions that ended with a verdict, failures by kind
 from the first connect to the last hang-up, sessions/s (verdicts over that wall time), p50/p99
 session time (connect to hang-up), the service's idle and peak RSS, and the CPU seconds of the
 service, the fake mail server, the callers and everything else on the machine (kernel work and
-other processes: a busy machine explains a slow run).
+other processes: a busy machine explains a slow run); then the service's CPU per test, and its
+CPU over the fake mail server's (`/fake`: the same conversations seen from the other end).
+
+With the telnet door every repeat also runs a yardstick, in alternating order with relayprobe:
+`benchmarks.bare_reflector`, a bare-bones asyncio reflector (one SMTP session per test, no
+timeouts, limits or sanitising), served by the same callers and fake; then the ratio of
+relayprobe to the yardstick, for sessions/s, p99 and service CPU per test. Issue 13's targets at
+1,000 callers: at least 0.8x the yardstick's sessions/s, and service CPU at most 1.8x the fake's.
 
 With `--door http` the callers are curl-style HTTP clients of the web front door instead
-(`GET /`, `Accept: */*`, reading the streamed transcript until the service closes).
+(`GET /`, `Accept: */*`, reading the streamed transcript until the service closes), and there is
+no yardstick.
 
 With `--replicas R` (2 to 4) every repeat runs two configurations in turn, in alternating order:
 one service with its state in memory, and R services sharing a throwaway redis-server on
@@ -58,7 +66,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,8 +322,10 @@ def wait_until_listening(process: subprocess.Popen[str], log_path: Path) -> None
 @dataclass(frozen=True, slots=True)
 class Setup:
     """The services of one run. `stateful`: rate limits on (admitting everyone) and delivery
-    confirmation on, each replica with a sink; otherwise both off, as in the plain benchmark."""
+    confirmation on, each replica with a sink; otherwise both off, as in the plain benchmark.
+    `yardstick`: `benchmarks.bare_reflector` instead of relayprobe."""
 
+    yardstick: bool = False
     replicas: int = 1
     redis: bool = False
     stateful: bool = False
@@ -324,9 +334,11 @@ class Setup:
 
     @property
     def label(self) -> str:
-        """How the table names this setup; empty for the plain benchmark's."""
+        """How the table names this setup."""
+        if self.yardstick:
+            return "bare-bones reflector"
         if not self.stateful:
-            return ""
+            return "relayprobe"
         state = "Redis" if self.redis else "in memory"
         timeout = "" if self.redis_timeout is None else f" {self.redis_timeout:g}s"
         return f"{self.replicas} x {state}{timeout}"
@@ -360,7 +372,12 @@ def delivery_ports(replicas: Sequence[ReplicaPorts]) -> list[int]:
 def service_command(
     setup: Setup, ports: ReplicaPorts, mail_port: int, door: str, redis_url: str | None
 ) -> list[str]:
-    """The `relayprobe serve` command line of one replica."""
+    """The `relayprobe serve` command line of one replica, or the yardstick's."""
+    if setup.yardstick:
+        return [
+            *(sys.executable, "-m", "benchmarks.bare_reflector"),
+            *("--listen", f"127.0.0.1:{ports.door}", "--target-port", str(mail_port)),
+        ]
     telnet, web = (
         (ports.door, ports.other_door) if door == "telnet" else (ports.other_door, ports.door)
     )
@@ -390,7 +407,7 @@ def service_command(
 
 @contextlib.contextmanager
 def reflector_process(command: Sequence[str], log_path: Path) -> Iterator[subprocess.Popen[str]]:
-    """`relayprobe serve` as `command` says, logging JSON to `log_path`, once it listens."""
+    """The service as `command` says, logging JSON to `log_path`, once it listens."""
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command,
@@ -633,6 +650,15 @@ class Run:
     def per_test(self, count: float) -> float:
         return count / self.verdicts if self.verdicts else float("nan")
 
+    @property
+    def service_cpu_per_test_s(self) -> float:
+        return self.per_test(self.service_cpu_s)
+
+    @property
+    def service_over_fake_cpu(self) -> float:
+        """The service's CPU over the fake mail server's, for the same conversations."""
+        return self.service_cpu_s / self.fake_cpu_s if self.fake_cpu_s else float("nan")
+
     def missed_targets(self) -> list[str]:
         missed = []
         if self.verdicts < self.sessions:
@@ -659,6 +685,8 @@ class Run:
             "fake_cpu_s": round(self.fake_cpu_s, 2),
             "callers_cpu_s": round(self.callers_cpu_s, 2),
             "other_cpu_s": round(self.other_cpu_s, 2),
+            "service_cpu_ms_per_test": round(1000 * self.service_cpu_per_test_s, 2),
+            "service_over_fake_cpu": round(self.service_over_fake_cpu, 2),
             "replica_peak_rss_mb": [round(mb, 1) for mb in self.replica_peak_rss_mb],
             "replica_cpu_s": [round(seconds, 2) for seconds in self.replica_cpu_s],
             "redis": None if self.redis is None else self.redis_json(self.redis),
@@ -851,28 +879,60 @@ def summarize(runs: Sequence[Run]) -> list[Summary]:
 
 
 @dataclass(frozen=True, slots=True)
+class Figure:
+    """A figure of a run that comparisons compare: its JSON name, its label and how to get it."""
+
+    name: str
+    label: str
+    of: Callable[[Run], float]
+
+
+COMPARED_FIGURES = (
+    Figure("sessions_per_s", "sessions/s", lambda run: run.sessions_per_s),
+    Figure("p99", "p99", lambda run: run.p99_s),
+    Figure("service_cpu_per_test", "service CPU per test", lambda run: run.service_cpu_per_test_s),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """A figure of the other setup over the baseline's: of their medians, and of each pair of
+    runs (the k-th run of each)."""
+
+    figure: Figure
+    median: float
+    pairs: tuple[float, ...]
+
+    @classmethod
+    def of(cls, figure: Figure, firsts: Sequence[Run], seconds: Sequence[Run]) -> Ratio:
+        first, second = (statistics.median(map(figure.of, runs)) for runs in (firsts, seconds))
+        pairs = zip(firsts, seconds, strict=False)
+        return cls(figure, second / first, tuple(figure.of(b) / figure.of(a) for a, b in pairs))
+
+    def __str__(self) -> str:
+        pairs = ", ".join(f"{pair:.2f}" for pair in self.pairs)
+        return f"{self.figure.label} {self.median:.2f}x (pairs {pairs})"
+
+
+@dataclass(frozen=True, slots=True)
 class Comparison:
-    """One setup against another at one session count: ratios of the other's medians to the
-    baseline's, and of each pair of runs (the k-th run of each)."""
+    """One setup against another at one session count, figure by figure."""
 
     sessions: int
     baseline: str
     other: str
-    sessions_per_s_ratio: float
-    p99_ratio: float
-    pair_sessions_per_s_ratios: tuple[float, ...]
-    pair_p99_ratios: tuple[float, ...]
+    ratios: tuple[Ratio, ...]
 
     def as_json(self) -> dict[str, object]:
-        return {
+        report: dict[str, object] = {
             "sessions": self.sessions,
             "baseline": self.baseline,
             "other": self.other,
-            "sessions_per_s_ratio": round(self.sessions_per_s_ratio, 3),
-            "p99_ratio": round(self.p99_ratio, 3),
-            "pair_sessions_per_s_ratios": [round(r, 3) for r in self.pair_sessions_per_s_ratios],
-            "pair_p99_ratios": [round(r, 3) for r in self.pair_p99_ratios],
         }
+        for ratio in self.ratios:
+            report[f"{ratio.figure.name}_ratio"] = round(ratio.median, 3)
+            report[f"pair_{ratio.figure.name}_ratios"] = [round(pair, 3) for pair in ratio.pairs]
+        return report
 
 
 def compare(runs: Sequence[Run], baseline: str, other: str) -> list[Comparison]:
@@ -882,22 +942,8 @@ def compare(runs: Sequence[Run], baseline: str, other: str) -> list[Comparison]:
         seconds = [run for run in runs if (run.label, run.sessions) == (other, sessions)]
         if not firsts or not seconds:
             continue
-        pairs = list(zip(firsts, seconds, strict=False))
-        comparisons.append(
-            Comparison(
-                sessions=sessions,
-                baseline=baseline,
-                other=other,
-                sessions_per_s_ratio=statistics.median(run.sessions_per_s for run in seconds)
-                / statistics.median(run.sessions_per_s for run in firsts),
-                p99_ratio=statistics.median(run.p99_s for run in seconds)
-                / statistics.median(run.p99_s for run in firsts),
-                pair_sessions_per_s_ratios=tuple(
-                    b.sessions_per_s / a.sessions_per_s for a, b in pairs
-                ),
-                pair_p99_ratios=tuple(b.p99_s / a.p99_s for a, b in pairs),
-            )
-        )
+        ratios = tuple(Ratio.of(figure, firsts, seconds) for figure in COMPARED_FIGURES)
+        comparisons.append(Comparison(sessions, baseline, other, ratios))
     return comparisons
 
 
@@ -931,13 +977,11 @@ def print_replicas(runs: Sequence[Run]) -> None:
             )
 
 
-def print_table(runs: Sequence[Run]) -> None:
-    labelled = any(run.label for run in runs)
-    setup_column = f"{'setup':<14} " if labelled else ""
+def print_table(runs: Sequence[Run], replicas: bool = False) -> None:
     print(
-        f"{setup_column}{'sessions':>8} {'verdicts':>8} {'wall s':>7} {'sess/s':>7} "
+        f"{'setup':<20} {'sessions':>8} {'verdicts':>8} {'wall s':>7} {'sess/s':>7} "
         f"{'p50 s':>6} {'p99 s':>6} {'idle MB':>7} {'peak MB':>7}  "
-        f"{'CPU s service/fake/callers/other':<32}  failures"
+        f"{'CPU s service/fake/callers/other':<32} {'ms/test':>7} {'/fake':>5}  failures"
     )
     for run in runs:
         cpu = (
@@ -945,21 +989,22 @@ def print_table(runs: Sequence[Run]) -> None:
             f"/{run.other_cpu_s:.1f}"
         )
         failures = ", ".join(f"{kind} {count}" for kind, count in sorted(run.failures.items()))
-        setup = f"{run.label:<14} " if labelled else ""
         print(
-            f"{setup}{run.sessions:>8} {run.verdicts:>8} {run.wall_s:>7.2f} "
+            f"{run.label:<20} {run.sessions:>8} {run.verdicts:>8} {run.wall_s:>7.2f} "
             f"{run.sessions_per_s:>7.0f} {run.p50_s:>6.2f} {run.p99_s:>6.2f} "
-            f"{run.idle_rss_mb:>7.1f} {run.peak_rss_mb:>7.1f}  {cpu:<32}  {failures or 'none'}"
+            f"{run.idle_rss_mb:>7.1f} {run.peak_rss_mb:>7.1f}  {cpu:<32} "
+            f"{1000 * run.service_cpu_per_test_s:>7.2f} {run.service_over_fake_cpu:>4.2f}x  "
+            f"{failures or 'none'}"
         )
     for run in runs:
         missed = run.missed_targets()
         if missed:
-            print(f"{_named(run.label)}{run.sessions} sessions missed targets: {'; '.join(missed)}")
-    if labelled:
+            print(f"{run.label}: {run.sessions} sessions missed targets: {'; '.join(missed)}")
+    if replicas:
         print_replicas(runs)
     for summary in summarize(runs):
         print(
-            f"{_named(summary.label)}{summary.sessions} sessions, {summary.runs} runs: "
+            f"{summary.label}: {summary.sessions} sessions, {summary.runs} runs: "
             f"{summary.median_sessions_per_s:.0f} sessions/s median "
             f"({summary.worst_sessions_per_s:.0f} worst), p50 {summary.median_p50_s:.2f} s median, "
             f"p99 {summary.median_p99_s:.2f} s median ({summary.worst_p99_s:.2f} worst), "
@@ -968,19 +1013,10 @@ def print_table(runs: Sequence[Run]) -> None:
         )
 
 
-def _named(label: str) -> str:
-    return f"{label}: " if label else ""
-
-
 def print_comparisons(comparisons: Sequence[Comparison]) -> None:
     for one in comparisons:
-        rates = ", ".join(f"{ratio:.2f}" for ratio in one.pair_sessions_per_s_ratios)
-        p99s = ", ".join(f"{ratio:.2f}" for ratio in one.pair_p99_ratios)
-        print(
-            f"{one.sessions} sessions, {one.other} / {one.baseline}: "
-            f"sessions/s {one.sessions_per_s_ratio:.2f}x (pairs {rates}), "
-            f"p99 {one.p99_ratio:.2f}x (pairs {p99s})"
-        )
+        ratios = ", ".join(str(ratio) for ratio in one.ratios)
+        print(f"{one.sessions} sessions, {one.other} / {one.baseline}: {ratios}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1044,11 +1080,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--relay and --redis-timeout need --replicas")
     if args.redis_timeout is not None and not 0 < args.redis_timeout <= MAX_REDIS_TIMEOUT_S:
         parser.error(f"--redis-timeout must be above 0 and at most {MAX_REDIS_TIMEOUT_S:g}")
-    setups = (
-        (Setup(),)
-        if args.replicas is None
-        else compared_setups(args.replicas, args.relay, args.redis_timeout)
-    )
+    setups: tuple[Setup, ...]
+    if args.replicas is not None:
+        setups = compared_setups(args.replicas, args.relay, args.redis_timeout)
+    elif args.door == "telnet":
+        setups = (Setup(yardstick=True), Setup())
+    else:
+        setups = (Setup(),)
     if any(setup.redis for setup in setups) and (missing := redis_available()):
         parser.error(missing)
     raise_file_limit()
@@ -1070,7 +1108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print(json.dumps(report, indent=2))
     else:
-        print_table(runs)
+        print_table(runs, replicas=args.replicas is not None)
         print_comparisons(comparisons)
         print(
             "load average (1/5/15 min) before "

@@ -125,6 +125,11 @@ class SMTPSession:
             local_hostname=helo_name,
         )
         self._reply_timeout = reply_timeout
+        self._timeout_message = f"no reply within {reply_timeout:g} s"
+        self._reply_due: float | None = None
+        """When the reply awaited now is due (the event loop's clock); None when none is."""
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     async def connect(self, host: str, port: int, *, connect_timeout: float) -> Reply:
         """Connect and return the greeting, whatever its code.
@@ -153,30 +158,66 @@ class SMTPSession:
 
     async def command(self, line: bytes) -> Reply:
         """Send one command line (without CRLF) exactly as given and return the reply."""
-        try:
-            response = await self._smtp.execute_command(line)
-        except aiosmtplib.SMTPException as exc:
-            self.close()
-            raise _translate(exc) from exc
-        _cancel_not_swallowed()
-        return _reply(response)
+        return await self._exchange(line + b"\r\n")
 
     async def message(self, content: bytes) -> Reply:
         """After a 354 to DATA: send the message, dot-stuffed and terminated; return the reply."""
-        protocol = self._smtp.protocol
-        if protocol is None:
-            raise ServerDisconnected("not connected")
         body = _DOT_AT_LINE_START.sub(b"..", content)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
+        return await self._exchange(body + b".\r\n")
+
+    async def _exchange(self, data: bytes) -> Reply:
+        """Write `data` and read one reply within the reply timeout.
+
+        Straight to aiosmtplib's protocol: `SMTP.execute_command` adds a lock, a scan of every
+        argument and an `asyncio.wait_for` to each command, which a test that sends one command
+        at a time, of text it made itself, does not need; they cost more than the rest of a
+        command together. Without a timeout, aiosmtplib awaits the reply directly, so a cancel
+        is never swallowed. The reply timeout is the session's watchdog (`_expect_reply`).
+        """
+        if self._timed_out:
+            raise ReplyTimeout(self._timeout_message)
+        protocol = self._smtp.protocol
+        if protocol is None:
+            raise ServerDisconnected("not connected")
+        self._expect_reply()
         try:
-            protocol.write(body + b".\r\n")
-            response = await protocol.read_response(timeout=self._reply_timeout)
+            protocol.write(data)
+            response = await protocol.read_response()
         except aiosmtplib.SMTPException as exc:
             self.close()
+            if self._timed_out:
+                raise ReplyTimeout(self._timeout_message) from exc
             raise _translate(exc) from exc
-        _cancel_not_swallowed()
+        finally:
+            self._reply_due = None
         return _reply(response)
+
+    def _expect_reply(self) -> None:
+        """Give the server the reply timeout from now for its next reply.
+
+        One timer per session, moved on lazily: a command only notes when its reply is due, and
+        the timer, when it fires early, sets itself for that time. A test sends some sixty
+        commands, and a timer each (or an `asyncio.timeout` each) cost more than the rest of
+        our work on a command. When a reply is late the session is closed, which ends the wait
+        for it with an error that `_exchange` reports as the timeout.
+        """
+        loop = asyncio.get_running_loop()
+        self._reply_due = loop.time() + self._reply_timeout
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._reply_due, self._check_reply)
+
+    def _check_reply(self) -> None:
+        self._watchdog = None
+        if self._reply_due is None:
+            return  # nothing awaited: the next command sets the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._reply_due:
+            self._watchdog = loop.call_at(self._reply_due, self._check_reply)
+            return
+        self._timed_out = True
+        self.close()
 
     async def start_tls(self) -> tuple[Reply, TlsSession | None]:
         """Send STARTTLS; after a 220, negotiate TLS, bounded by the reply timeout.
@@ -226,6 +267,9 @@ class SMTPSession:
         self.close()
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._smtp.close()
 
     @property

@@ -188,6 +188,24 @@ async def test_server_that_stalls_mid_suite_is_retried_after_reply_timeout(
     assert any("no reply within 0.3 s during Test 4" in line for line in run.transcript)
 
 
+class SlowAtFirst(FakeMailServer):
+    """Answers its first six commands after 0.2 s each, then at once: slow, never silent."""
+
+    def reply(self, line: bytes, session: SessionState) -> bytes | None:
+        self.reply_delay = 0.2 if len(self.commands) <= 6 else 0.0
+        return super().reply(line, session)
+
+
+async def test_the_reply_timeout_runs_from_each_command_not_from_the_first(
+    start_server: StartServer,
+) -> None:
+    """One timer per session is moved on lazily (smtpclient): six replies in 0.2 s each take
+    1.2 s, four times the reply timeout, and none of them is late."""
+    run = await run_test(await start_server(SlowAtFirst(relay=relays_nothing)), reply_timeout=0.3)
+    assert not any("no reply within" in line for line in run.transcript)
+    assert run.summary.verdict == "rejected"
+
+
 class Tarpit(FakeMailServer):
     def reply(self, line: bytes, session: SessionState) -> bytes | None:
         return SILENCE
