@@ -83,6 +83,14 @@ class Request:
         name = name.lower()
         return next((value for key, value in self.headers if key == name), None)
 
+    def header_list(self, name: str) -> str | None:
+        """Every line of the list-valued field `name` joined in order with ", ", as RFC 9110
+        (5.3) says they combine; None without one. For a field a proxy may append as a line of
+        its own, where the first line can be the client's."""
+        name = name.lower()
+        values = [value for key, value in self.headers if key == name]
+        return ", ".join(values) if values else None
+
     @property
     def path(self) -> str:
         return self.target.partition("?")[0]

@@ -193,8 +193,11 @@ class WebFrontDoor:
 
     async def handle(self, request: Request, exchange: Exchange) -> None:
         caller = forwarded_caller(
-            request.peer, request.header("x-forwarded-for"), self.core.trusted_proxies
+            request.peer, request.header_list("x-forwarded-for"), self.core.trusted_proxies
         )
+        if caller is None:
+            exchange.respond(_text(HTTPStatus.BAD_REQUEST, "unreadable X-Forwarded-For"))
+            return
         chosen = route(
             method=request.method,
             path=request.path,

@@ -146,9 +146,11 @@ def route(
 
 def forwarded_caller(
     peer: IPAddress, forwarded_for: str | None, trusted: Sequence[IPNetwork]
-) -> IPAddress:
-    """The caller behind trusted proxies: `X-Forwarded-For` is believed only from a trusted
-    proxy, read from the right (what our proxy appended) past any further trusted proxies."""
+) -> IPAddress | None:
+    """The caller behind trusted proxies: `X-Forwarded-For` (all its lines, joined) is believed
+    only from a trusted proxy, read from the right (what our proxy appended) past any further
+    trusted proxies. None when a trusted proxy's hop is no address: the caller is unknown, and
+    testing the proxy instead would test the wrong machine."""
     caller = peer
     if forwarded_for is None:
         return caller
@@ -157,7 +159,7 @@ def forwarded_caller(
         try:
             address = ipaddress.ip_address(hops.pop())
         except ValueError:
-            return caller
+            return None
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         caller = address

@@ -342,3 +342,18 @@ async def test_x_forwarded_for_from_a_trusted_proxy_names_the_caller(
     status, _, body = await request(endpoint, f"{CURL}\nX-Forwarded-For: 127.0.0.9")
     assert status == 200
     assert body.decode().splitlines()[0] == "Connecting to 127.0.0.9 ..."
+
+
+async def test_x_forwarded_for_lines_are_read_together_and_an_unreadable_hop_is_400(
+    start_server: StartServer, start_door: StartDoor
+) -> None:
+    """A proxy such as HAProxy (`option forwardfor`) appends a line of its own: the client's
+    forged line comes first and must not name the caller."""
+    port = await start_server(FakeMailServer(relay=relays_nothing))
+    _, endpoint = await start_door(port, trusted_proxy=("127.0.0.1/32",), allow=("127.0.0.8/32",))
+    forged = f"{CURL}\nX-Forwarded-For: 127.0.0.9\nX-Forwarded-For: 127.0.0.8"
+    status, _, body = await request(endpoint, forged)
+    assert status == 200
+    assert body.decode().splitlines()[0] == "Connecting to 127.0.0.8 ..."
+    status, _, body = await request(endpoint, f"{CURL}\nX-Forwarded-For: 127.0.0.8, unknown")
+    assert (status, body) == (400, b"unreadable X-Forwarded-For\n")

@@ -141,6 +141,9 @@ def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
     assert str(forwarded_caller(proxy, "203.0.113.9, 198.51.100.1", TRUSTED)) == "198.51.100.1"
     # Past a chain of trusted proxies, to the first address they did not add.
     assert str(forwarded_caller(proxy, "198.51.100.1, 10.0.0.9", TRUSTED)) == "198.51.100.1"
-    assert forwarded_caller(proxy, "not an address", TRUSTED) == proxy
+    # The trusted proxy's own hop unreadable: nobody to test, and never the proxy itself.
+    assert forwarded_caller(proxy, "not an address", TRUSTED) is None
+    assert forwarded_caller(proxy, "198.51.100.1, unknown", TRUSTED) is None
+    assert forwarded_caller(stranger, "not an address", TRUSTED) == stranger
     assert str(forwarded_caller(proxy, "::ffff:198.51.100.1", TRUSTED)) == "198.51.100.1"
     assert forwarded_caller(proxy, None, TRUSTED) == proxy
