@@ -468,7 +468,9 @@ class _Connection(asyncio.Protocol):
         self.stall: asyncio.TimerHandle | None = None
         """Ends the exchange when writing has been paused for write_timeout_s."""
         self.watch: asyncio.TimerHandle | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        # Once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
+        self.closed = self.loop.create_future()
         self.discard_budget = DISCARD_BYTES
         self.client_silent = False
         """The client sent FIN, or we stopped reading: only writes can tell us it has gone."""
@@ -558,9 +560,7 @@ class _Connection(asyncio.Protocol):
                 self.task.cancel()
 
     def pause_writing(self) -> None:
-        self.stall = asyncio.get_running_loop().call_later(
-            self.options.write_timeout_s, self._abort, SLOW_CLIENT
-        )
+        self.stall = self.loop.call_later(self.options.write_timeout_s, self._abort, SLOW_CLIENT)
 
     def resume_writing(self) -> None:
         if self.stall is not None:
@@ -659,7 +659,7 @@ class _Connection(asyncio.Protocol):
     def _start_handler(self, request: Request) -> None:
         self.phase = _Phase.HANDLING
         self._cancel_deadline()
-        self.task = asyncio.get_running_loop().create_task(self._run_handler(request))
+        self.task = self.loop.create_task(self._run_handler(request))
         self.server._tasks.add(self.task)
         # Cleaned up from its done-callback: a task cancelled before its first step runs no
         # `finally`.
@@ -710,7 +710,7 @@ class _Connection(asyncio.Protocol):
             return
         # The events of one loop turn (a reply's lines, say) go out in one chunk and one write.
         if not self.unsent:
-            asyncio.get_running_loop().call_soon(self._send_unsent)
+            self.loop.call_soon(self._send_unsent)
         self.unsent.append(data)
 
     def _send_unsent(self) -> None:
@@ -782,7 +782,7 @@ class _Connection(asyncio.Protocol):
         if self.phase is not _Phase.HANDLING:
             return
         self._verify_client()
-        self.watch = asyncio.get_running_loop().call_later(next_in, self._check_client)
+        self.watch = self.loop.call_later(next_in, self._check_client)
 
     def _verify_client(self) -> None:
         """End the exchange if the kernel says the client is gone; else make sure something
@@ -824,11 +824,10 @@ class _Connection(asyncio.Protocol):
 
     def _set_deadline(self, delay: float, action: Callable[[], None]) -> None:
         self._cancel_deadline()
-        self.deadline = asyncio.get_running_loop().call_later(delay, action)
+        self.deadline = self.loop.call_later(delay, action)
 
-    @staticmethod
-    def _now() -> float:
-        return asyncio.get_running_loop().time()
+    def _now(self) -> float:
+        return self.loop.time()
 
     def _cancel_deadline(self) -> None:
         if self.deadline is not None:

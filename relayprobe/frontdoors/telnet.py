@@ -73,6 +73,8 @@ class TelnetSession(asyncio.Protocol):
             capacity=settings.caller_input_bytes,
             now=time.monotonic(),
         )
+        # Once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.pending: list[bytes] = []
         self.flush_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
@@ -229,7 +231,7 @@ class TelnetSession(asyncio.Protocol):
             self.end(EndReason.CLIENT_CLOSED)
             return
         self._write_something()
-        self.watch = asyncio.get_running_loop().call_later(next_in, self._check_caller)
+        self.watch = self.loop.call_later(next_in, self._check_caller)
 
     def _write_something(self) -> None:
         """Make sure something went out since the last check; a gone caller resets it."""
@@ -273,7 +275,7 @@ class TelnetSession(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self.flush_timer is None:
-            self.flush_timer = asyncio.get_running_loop().call_later(OUTPUT_DELAY_S, self.flush)
+            self.flush_timer = self.loop.call_later(OUTPUT_DELAY_S, self.flush)
         self.pending.append(data)
 
     def flush(self) -> None:
@@ -325,7 +327,7 @@ class TelnetSession(asyncio.Protocol):
 
     def _start_timer(self, delay: float, action: Callable[..., None], reason: object) -> None:
         self._cancel_timer()
-        self.timer = asyncio.get_running_loop().call_later(delay, action, reason)
+        self.timer = self.loop.call_later(delay, action, reason)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -125,6 +125,8 @@ class SMTPSession:
             local_hostname=helo_name,
         )
         self._reply_timeout = reply_timeout
+        # Once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._timeout_message = f"no reply within {reply_timeout:g} s"
         self._reply_due: float | None = None
         """When the reply awaited now is due (the event loop's clock); None when none is."""
@@ -203,7 +205,7 @@ class SMTPSession:
         our work on a command. When a reply is late the session is closed, which ends the wait
         for it with an error that `_exchange` reports as the timeout.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._reply_due = loop.time() + self._reply_timeout
         if self._watchdog is None:
             self._watchdog = loop.call_at(self._reply_due, self._check_reply)
@@ -212,7 +214,7 @@ class SMTPSession:
         self._watchdog = None
         if self._reply_due is None:
             return  # nothing awaited: the next command sets the timer again
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._reply_due:
             self._watchdog = loop.call_at(self._reply_due, self._check_reply)
             return
