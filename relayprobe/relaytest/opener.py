@@ -85,7 +85,7 @@ class SessionOpener:
         """
         talk = self.conversation
         while True:
-            session = SMTPSession(helo_name=self.helo_name, reply_timeout=self.reply_timeout)
+            session = SMTPSession(reply_timeout=self.reply_timeout)
             greeting = await self._connect(session)
             talk.show(greeting)
             if not 200 <= greeting.code < 300:
