@@ -1,26 +1,17 @@
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from relayprobe.fakemx import FakeMailServer
 from tests.infra import postfix
 from tests.infra.browser import Browser, chromium_available, headless_chromium
-
-if TYPE_CHECKING:
-    from tests.infra.dataservers import PostgresServer
+from tests.infra.dataservers import PostgresServer, RedisServer, postgres_or_skip, redis_or_skip
+from tests.infra.skip import skip_or_fail
 
 StartServer = Callable[[FakeMailServer], Coroutine[Any, Any, int]]
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip where a real server is missing, but never in CI, which must run every test."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run this test: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +55,6 @@ async def start_server() -> AsyncIterator[StartServer]:
 def postgres() -> Iterator[PostgresServer]:
     """One PostgreSQL for the session; a test that needs a clean one takes a database of its
     own (tests/storage/conftest.py) or starts its own."""
-    # Here, not at the top: dataservers imports `skip_or_fail` from this module.
-    from tests.infra.dataservers import postgres_or_skip
-
     with postgres_or_skip() as server:
         yield server
 
@@ -74,7 +62,20 @@ def postgres() -> Iterator[PostgresServer]:
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL for one test that stops and starts it."""
-    from tests.infra.dataservers import postgres_or_skip
-
     with postgres_or_skip() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for a module: its tests use keys of their own or empty it first, and a
+    test that stops it starts it again."""
+    with redis_or_skip() as server:
+        yield server
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server for one test that stops or pauses it."""
+    with redis_or_skip() as server:
         yield server

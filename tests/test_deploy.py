@@ -32,8 +32,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from relayprobe.operations.config import Settings, env_name, load_settings
-from tests.conftest import skip_or_fail
 from tests.infra.dataservers import redis_available
+from tests.infra.skip import skip_or_fail
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -20,7 +20,6 @@ import pytest
 from relayprobe.fakemx import FakeMailServer
 from relayprobe.operations.config import Endpoint
 from relayprobe.relaytest.probes import SUITES
-from tests.conftest import skip_or_fail
 from tests.frontdoors.test_web import CURL, request
 from tests.infra import postfix
 from tests.infra.command import relayprobe
@@ -33,6 +32,7 @@ from tests.infra.replicas import (
     running_replicas,
     shared_servers_unavailable,
 )
+from tests.infra.skip import skip_or_fail
 from tests.operations.test_operations import (
     BY_ADDRESS,
     VERDICT_LINE,

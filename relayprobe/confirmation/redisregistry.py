@@ -36,8 +36,6 @@ T = TypeVar("T")
 RETRY_S = 0.5
 # A quiet subscription is asked for a PING this often; one unanswered means the link is dead.
 HEARTBEAT_S = 5.0
-# Cut from an error before it becomes `last_error`, a log field or a /readyz line.
-MAX_ERROR_CHARS = 200
 _HEX = frozenset(b"0123456789abcdef")
 _ARRIVAL_FIELDS = ("registered_at", "arrived_at", "source")
 
@@ -73,13 +71,6 @@ def _arrival(fields: list[bytes | None]) -> tuple[float, str] | None:
         return None
     # Replicas' clocks may differ by a little: never a negative time.
     return max(after, 0.0), str(address)
-
-
-def _describe(error: BaseException, timeout_s: float) -> str:
-    if isinstance(error, TimeoutError):
-        return str(error) or f"no answer within {timeout_s:g} s"
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}..."
 
 
 class RedisRegistry:
@@ -248,7 +239,7 @@ class RedisRegistry:
         return result
 
     def _failed(self, operation: str, error: BaseException) -> RegistryUnavailable:
-        reason = f"{operation}: {_describe(error, self._timeout_s)}"
+        reason = f"{operation}: {redisclient.failure_reason(error, timeout_s=self._timeout_s)}"
         if self._error is None:
             # Once per outage; `on_unavailable` counts every failure.
             log.warning("redis_registry_unavailable", reason=reason)

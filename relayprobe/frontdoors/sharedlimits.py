@@ -31,7 +31,7 @@ from relayprobe.frontdoors.access import (
     longest_wait,
 )
 from relayprobe.frontdoors.addresses import IPAddress
-from relayprobe.relaytest.sanitize import sanitize_text
+from relayprobe.storage import redisclient
 
 log = structlog.get_logger("relayprobe.frontdoors.sharedlimits")
 
@@ -234,11 +234,7 @@ class SharedRateLimiter:
         self._probe_at = self._local_clock() + self._probe_interval_s
         if self.degraded:
             return
-        if isinstance(error, TimeoutError) and not str(error):
-            reason = f"no answer within {self._timeout_s:g} s"
-        else:
-            # The text may quote the server: one safe line, bounded.
-            reason = sanitize_text(f"{type(error).__name__}: {error}")[:300]
+        reason = redisclient.failure_reason(error, timeout_s=self._timeout_s)
         self.last_error = reason
         # Redis answered with an error: a bug here or a misconfigured server, worth a traceback.
         # Otherwise it is unreachable or slow, which one line says.

@@ -11,6 +11,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from relayprobe.relaytest.sanitize import sanitize_text
+
+# Cut from a failure before it becomes a log field or a /readyz line.
+MAX_ERROR_CHARS = 200
+
 
 def connect(url: str, *, timeout_s: float, max_connections: int) -> Redis:
     """A client for `url` (`redis://`, `rediss://` or `unix://`; it may hold a password, so it
@@ -26,3 +31,12 @@ def connect(url: str, *, timeout_s: float, max_connections: int) -> Redis:
         retry=Retry(NoBackoff(), 1),
     )
     return Redis.from_pool(pool)
+
+
+def failure_reason(error: BaseException, *, timeout_s: float) -> str:
+    """Why a Redis call failed, as one safe line: the text may quote the server, and it goes to
+    the log and to /readyz."""
+    if isinstance(error, TimeoutError) and not str(error):
+        return f"no answer within {timeout_s:g} s"
+    text = sanitize_text(" ".join(f"{type(error).__name__}: {error}".split()))
+    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}..."

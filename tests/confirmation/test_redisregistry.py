@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from relayprobe.relaytest.options import RelayTestOptions
 from relayprobe.reports.render import Transcript
 from tests.confirmation.test_sink import DOMAIN, Client, address, proof_message
 from tests.conftest import StartServer
-from tests.infra.dataservers import RedisServer, redis_or_skip
+from tests.infra.dataservers import RedisServer
 
 TOKEN = "k3x7q2ab7z"
 OTHER_TOKEN = "m4n5p6q7r2"
@@ -33,20 +33,6 @@ MARGIN_S = 0.3
 # Every wait for something that should happen at once; the tests normally take milliseconds.
 WAIT = 5.0
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    """One redis-server for the module's tests that leave it running; keys are per test."""
-    with redis_or_skip() as server:
-        yield server
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of the test's own, to stop or pause."""
-    with redis_or_skip() as server:
-        yield server
 
 
 class Replicas:

@@ -18,8 +18,8 @@ from relayprobe.app import Application
 from relayprobe.fakemx import FakeMailServer
 from relayprobe.frontdoors.proxyproto import V2_SIGNATURE
 from relayprobe.operations.config import Endpoint
-from tests.conftest import skip_or_fail
 from tests.infra.haproxy import ProxyVersion, haproxy_available, running_haproxy
+from tests.infra.skip import skip_or_fail
 from tests.operations.test_operations import (
     ACCESS_LINE,
     TIMEOUT_S,

@@ -18,7 +18,7 @@ from relayprobe.frontdoors.access import RateDecision, RateLimiter
 from relayprobe.frontdoors.sharedlimits import SharedRateLimiter
 from relayprobe.storage import redisclient
 from tests.frontdoors.test_access import ALLOWED, UNLIMITED, FakeClock, ip
-from tests.infra.dataservers import RedisServer, redis_or_skip
+from tests.infra.dataservers import RedisServer
 
 TIMEOUT_S = 0.2
 # What a loaded machine may add to a bounded call: generous, since only an unbounded wait fails.
@@ -30,12 +30,6 @@ Replica = Callable[..., SharedRateLimiter]
 def connect(url: str) -> Redis:
     """A client as a replica makes one."""
     return redisclient.connect(url, timeout_s=TIMEOUT_S, max_connections=20)
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with redis_or_skip() as server:
-        yield server
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import skip_or_fail
+from tests.infra.skip import skip_or_fail
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 _POSTGRES_ROOT = Path("/usr/lib/postgresql")

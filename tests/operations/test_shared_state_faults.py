@@ -27,7 +27,7 @@ from relayprobe.operations.metrics import REGISTRY_OPERATIONS
 from relayprobe.storage.pgstore import PostgresHistory
 from tests.confirmation.test_redisregistry import eventually
 from tests.frontdoors.test_web import request
-from tests.infra.dataservers import PostgresServer, RedisServer, redis_or_skip
+from tests.infra.dataservers import PostgresServer, RedisServer
 from tests.infra.haproxy import free_port
 from tests.operations.test_operations import (
     LOOSE_LIMITS,
@@ -54,13 +54,6 @@ CONFIRMED = re.compile(r"Relay confirmed: (\d+) of \1 test messages arrived ")
 ACCEPTED = re.compile(r"System appeared to accept \d+ relay attempts")
 FULL_RESULT = re.compile(r"Full result: \S+/results/([A-Za-z0-9_-]+)")
 PUBLIC_URL = "http://relay-test.example"
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    """One redis-server for the module; a test that stops it starts it again."""
-    with redis_or_skip() as server:
-        yield server
 
 
 @pytest.fixture

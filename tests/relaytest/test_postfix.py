@@ -22,9 +22,9 @@ from relayprobe.operations.config import Endpoint, Settings
 from relayprobe.relaytest.engine import run_relay_test
 from relayprobe.relaytest.events import Event, Outcome, Relayed
 from relayprobe.reports.render import Transcript
-from tests.conftest import skip_or_fail
 from tests.infra import postfix
 from tests.infra.haproxy import free_port
+from tests.infra.skip import skip_or_fail
 from tests.test_cli import check
 
 pytestmark = pytest.mark.usefixtures("postfix_instances")
