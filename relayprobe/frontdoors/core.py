@@ -12,7 +12,7 @@ import enum
 import functools
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,7 +30,7 @@ from relayprobe.frontdoors.access import (
 from relayprobe.frontdoors.addresses import IPAddress, parse_network
 from relayprobe.operations.config import Settings
 from relayprobe.relaytest.engine import Checkpoint
-from relayprobe.relaytest.events import Event, Outcome, Received
+from relayprobe.relaytest.events import Outcome
 from relayprobe.reports.result import TestResult, new_result_id
 from relayprobe.testrun import OnLines, run_test
 
@@ -239,19 +239,18 @@ class SessionCore:
         )
         return running
 
-    async def _run(
+    def _run(
         self, running: RunningTest, on_lines: OnLines, checkpoint: Checkpoint | None
-    ) -> TestResult:
-        def seen(event: Event) -> None:
-            if isinstance(event, Received):
-                running.heard_server = True
+    ) -> Coroutine[Any, Any, TestResult]:
+        def heard_server() -> None:
+            running.heard_server = True
 
-        return await self.run(
+        return self.run(
             running.ticket.caller,
             on_lines,
             checkpoint=checkpoint,
             result_id=new_result_id() if self.keeps_results else None,
-            seen=seen,
+            on_first_reply=heard_server,
         )
 
     def result_url(self, result_id: str) -> str | None:
@@ -260,17 +259,21 @@ class SessionCore:
             return None
         return f"{self.settings.public_url}/results/{result_id}"
 
-    async def run(
+    def run(
         self,
         target: IPAddress,
         on_lines: OnLines,
         *,
         checkpoint: Checkpoint | None = None,
         result_id: str | None = None,
-        seen: Callable[[Event], None] | None = None,
-    ) -> TestResult:
-        """Test `target` without admission, with this service's registry and links."""
-        return await run_test(
+        on_first_reply: Callable[[], None] | None = None,
+    ) -> Coroutine[Any, Any, TestResult]:
+        """Test `target` without admission, with this service's registry and links.
+
+        The test's own coroutine, not one around it: every reply of a test resumes each
+        coroutine it is awaited through.
+        """
+        return run_test(
             self.settings,
             target,
             on_lines,
@@ -279,7 +282,7 @@ class SessionCore:
             checkpoint=checkpoint,
             result_id=result_id,
             result_url=None if result_id is None else self.result_url(result_id),
-            seen=seen,
+            on_first_reply=on_first_reply,
         )
 
     def _done(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import structlog
@@ -130,7 +130,7 @@ class TelnetSession(asyncio.Protocol):
         self.input_budget.take(len(data))
         result = self.telnet.feed(data)
         if result.reply:
-            self._queue(result.reply)
+            self._queue((result.reply,))
         if result.interrupted:
             self.end(EndReason.INTERRUPTED)
 
@@ -267,16 +267,16 @@ class TelnetSession(asyncio.Protocol):
     # Output
 
     def write_line(self, line: str) -> None:
-        """Queue a line for the caller; the lines of OUTPUT_DELAY_S go out in one write."""
-        self._queue(encode_line(line))
+        self._queue((encode_line(line),))
 
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, chunks: Iterable[bytes]) -> None:
+        """Queue output for the caller; what comes within OUTPUT_DELAY_S goes out in one write."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         if self.flush_timer is None:
             self.flush_timer = self.loop.call_later(OUTPUT_DELAY_S, self.flush)
-        self.pending.append(data)
+        self.pending.extend(chunks)
 
     def flush(self) -> None:
         if self.flush_timer is not None:
@@ -292,8 +292,7 @@ class TelnetSession(asyncio.Protocol):
             self.end(EndReason.SLOW_CLIENT)
 
     def show(self, event: Event, lines: tuple[str, ...]) -> None:
-        for line in lines:
-            self.write_line(line)
+        self._queue(map(encode_line, lines))
 
     # Ending
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from collections.abc import Callable
 
 from relayprobe.relaytest.budget import ErrorBudget
 from relayprobe.relaytest.events import Event, Progress, Received, Sent
@@ -46,6 +45,10 @@ class UnusableReply(SessionLost):
     """A reply too long to keep or not SMTP at all; the session can't be trusted after it."""
 
 
+SESSION_ERRORS = (ServerDisconnected, ReplyTimeout, BadReply)
+"""What the SMTP client raises when a session ends under a command (see `Conversation.lost`)."""
+
+
 class Conversation:
     """One relay test's current SMTP session (or none), and what it has shown so far."""
 
@@ -62,17 +65,28 @@ class Conversation:
         self.budget.reset()
 
     async def command(self, line: str, *, lost_on_421: bool = False) -> Reply:
-        assert self.session is not None
+        session = self.session
+        assert session is not None
         self.emit(Sent(line))
-        reply = await self.exchange(self.session.command(line.encode("ascii")))
+        try:
+            reply = await session.command(line.encode("ascii"))
+        except SESSION_ERRORS as exc:
+            raise self.lost(exc) from None
+        self.answered(reply)
         if lost_on_421 and reply.code == 421:
             raise SessionLost("the server is closing the session (421)")
         return reply
 
-    async def exchange(self, sending: Coroutine[Any, Any, Reply]) -> Reply:
-        """Await a reply, show it and count it against the session's error budget."""
-        with self.errors():
-            reply = await sending
+    async def message(self, content: bytes, *, description: str) -> Reply:
+        """After a 354 to DATA: send a message (shown as `description` and the dot)."""
+        session = self.session
+        assert session is not None
+        self.emit(Sent(description))
+        self.emit(Sent("."))
+        try:
+            reply = await session.message(content)
+        except SESSION_ERRORS as exc:
+            raise self.lost(exc) from None
         self.answered(reply)
         return reply
 
@@ -80,27 +94,29 @@ class Conversation:
         self.show(reply)
         self.budget.record(reply.code)
 
-    @contextlib.contextmanager
-    def errors(self) -> Iterator[None]:
-        """The SMTP client's failures as the engine's: the session is lost, or unusable."""
-        try:
-            yield
-        except ServerDisconnected:
-            raise SessionLost("connection closed by the server") from None
-        except ReplyTimeout:
-            raise SessionLost(f"no reply within {self.reply_timeout:g} s") from None
-        except BadReply as exc:
-            raise UnusableReply(f"unusable reply ({exc})") from None
+    def lost(self, error: Exception) -> SessionLost:
+        """One of the SMTP client's `SESSION_ERRORS` as the engine's: the session is lost, or
+        unusable."""
+        if isinstance(error, ReplyTimeout):
+            return SessionLost(f"no reply within {self.reply_timeout:g} s")
+        if isinstance(error, BadReply):
+            return UnusableReply(f"unusable reply ({error})")
+        return SessionLost("connection closed by the server")
 
     def show(self, reply: Reply) -> None:
+        """Emit the reply as shown: sanitised, at most MAX_REPLY_LINES lines, and past
+        MAX_REPLY_CHARS of replies in a test only its first line, cut short."""
         in_full = self.reply_chars_shown < MAX_REPLY_CHARS
-        shown = reply.lines[:MAX_REPLY_LINES] if in_full else reply.lines[:1]
+        if "\n" in reply.message:
+            lines = reply.lines
+            shown = lines[:MAX_REPLY_LINES] if in_full else lines[:1]
+            hidden = len(lines) - len(shown)
+        else:
+            shown, hidden = [reply.line], 0
         limit = MAX_DISPLAY_CHARS if in_full else CUT_REPLY_CHARS
-        for line in shown:
-            text = sanitize_line(line, limit=limit)
-            self.reply_chars_shown += len(text)
-            self.emit(Received(text))
-        hidden = len(reply.lines) - len(shown)
+        texts = tuple([sanitize_line(line, limit=limit) for line in shown])
+        self.reply_chars_shown += sum(map(len, texts))
+        self.emit(Received(texts))
         if hidden > 0:
             self.progress(f"{hidden} more reply lines not shown")
         if in_full and self.reply_chars_shown >= MAX_REPLY_CHARS:

@@ -26,7 +26,6 @@ from relayprobe.relaytest.events import (
     ProbeFinished,
     ProbeStarted,
     RelayTestEnded,
-    Sent,
     Summary,
     TlsDemanded,
 )
@@ -216,10 +215,10 @@ class _RelayTest:
         if 200 <= reply.code < 300:
             reply = await self.talk.command(f"RCPT TO:{rcpt_to}", lost_on_421=True)
             self._check_tls_demand(reply, in_transaction=True)
-        return classify(reply.code), sanitize_line(b" ".join(reply.lines))
+        return classify(reply.code), sanitize_line(reply.line)
 
     def _check_tls_demand(self, reply: Reply, *, in_transaction: bool) -> None:
-        if not self.opener.tls.over_tls and asks_for_tls(reply.code, reply.text):
+        if not self.opener.tls.over_tls and asks_for_tls(reply.code, reply.message):
             raise TlsRequired(reply, in_transaction=in_transaction)
 
     async def _require_tls(self, demand: TlsRequired) -> None:
@@ -269,11 +268,10 @@ class _RelayTest:
         reply = await talk.command("DATA")
         if reply.code != 354:
             return False
-        assert talk.session is not None
         lines = message.count(b"\n")
-        self.emit(Sent(f"(test message: {lines} lines, token {token})"))
-        self.emit(Sent("."))
-        reply = await talk.exchange(talk.session.message(message))
+        reply = await talk.message(
+            message, description=f"(test message: {lines} lines, token {token})"
+        )
         return 200 <= reply.code < 300
 
     def _finish(
@@ -300,7 +298,7 @@ class _RelayTest:
             await self.checkpoint()
 
 
-async def run_relay_test(
+def run_relay_test(
     target: str,
     options: RelayTestOptions,
     emit: Emit,
@@ -308,13 +306,15 @@ async def run_relay_test(
     registry: CanaryRegistry | None = None,
     ptr_lookup: PtrLookup = lookup_ptr,
     checkpoint: Checkpoint | None = None,
-) -> Summary:
+) -> Coroutine[Any, Any, Summary]:
     """Test `target` (an IP address) and return the summary; every step is passed to `emit`.
 
     With a `registry` (whose canary sink receives mail for the test domain), accepted probes
     send a test message and the test waits for it to arrive. `checkpoint` is awaited before each
     probe and each test message: a front door holds the test there while it finds out whether
-    its caller is still listening.
+    its caller is still listening. The test's own coroutine, not one around it (each reply
+    resumes every coroutine it is awaited through); a `target` that is no IP address raises
+    ValueError here.
     """
     address = str(ipaddress.ip_address(target))
-    return await _RelayTest(address, options, emit, registry, checkpoint).run(ptr_lookup)
+    return _RelayTest(address, options, emit, registry, checkpoint).run(ptr_lookup)

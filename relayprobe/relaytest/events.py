@@ -42,9 +42,9 @@ class Sent:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One line of a server reply, sanitised, with its code and continuation mark."""
+    """A server reply as shown: each line sanitised, with its code and continuation mark."""
 
-    line: str
+    lines: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

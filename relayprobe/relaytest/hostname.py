@@ -18,13 +18,9 @@ def is_hostname(name: str) -> bool:
     )
 
 
-def banner_hostname(banner: bytes) -> str | None:
+def banner_hostname(banner: str) -> str | None:
     """The first word after the code in a 220 greeting, when it is a host name."""
     words = banner[4:].split(None, 1)
     if not words:
         return None
-    try:
-        word = words[0].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    return word if is_hostname(word) else None
+    return words[0] if is_hostname(words[0]) else None

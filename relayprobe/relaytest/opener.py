@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from relayprobe.relaytest.certificate import describe
 from relayprobe.relaytest.conversation import (
+    SESSION_ERRORS,
     Conversation,
     IncompleteTest,
     SessionLost,
@@ -141,11 +142,12 @@ class SessionOpener:
         assert talk.session is not None
         talk.emit(Sent("STARTTLS"))
         try:
-            with talk.errors():
-                reply, negotiated = await talk.session.start_tls()
+            reply, negotiated = await talk.session.start_tls()
         except TlsFailed as exc:
             talk.drop()
             raise TlsUnavailable(str(exc)) from None
+        except SESSION_ERRORS as exc:
+            raise talk.lost(exc) from None
         talk.answered(reply)
         if negotiated is None:
             raise TlsUnavailable(f"STARTTLS refused: {sanitize_line(reply.lines[0])}")
@@ -186,7 +188,9 @@ class SessionOpener:
         if not self.use_helo:
             reply = await talk.command(f"EHLO {self.helo_name}")
             if 200 <= reply.code < 300:
-                offered = any(line[4:].upper().startswith(b"STARTTLS") for line in reply.lines)
+                offered = any(
+                    text.upper().startswith("STARTTLS") for text in reply.message.split("\n")
+                )
                 if offered and not self.tls.offered:
                     self.tls.offered = True
                     talk.emit(TlsOffered())

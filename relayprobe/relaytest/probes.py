@@ -6,6 +6,7 @@ probes. Operators can add probes in the config file, so templates are validated 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,18 @@ def check_template(template: str) -> None:
 
 
 def render(template: str, values: Mapping[str, str]) -> str:
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+    return _format_string(template).format_map(values)
+
+
+@functools.lru_cache(maxsize=256)
+def _format_string(template: str) -> str:
+    """`template` for `str.format_map`, which fills it in C: placeholders kept, other braces
+    doubled."""
+    parts = _PLACEHOLDER.split(template)  # text, name, text, name, ..., text
+    return "".join(
+        f"{{{part}}}" if index % 2 else part.replace("{", "{{").replace("}", "}}")
+        for index, part in enumerate(parts)
+    )
 
 
 def address_literal(ip: str) -> str:

@@ -1,9 +1,11 @@
 """Make bytes from the network harmless before they reach a terminal or a log.
 
-Printable ASCII passes through unchanged; everything else a terminal could act on (C0 and C1
-controls, DEL, bidi and other format characters, invalid UTF-8) is shown escaped.
+Text from the network arrives decoded as UTF-8 with `surrogateescape`, so that bytes which are not
+UTF-8 survive as lone surrogates. Printable ASCII passes through unchanged; everything else a
+terminal could act on (C0 and C1 controls, DEL, bidi and other format characters, invalid UTF-8)
+is shown escaped.
 
-The common cases run in C (`bytes.decode`, `str.translate`, `str.isprintable`), not as a Python
+The common cases run in C (`str.isprintable`, `str.translate`), not as a Python
 call per character, so a reply full of control bytes costs a few times what plain text does, not
 a hundred; unprintable characters beyond Latin-1 take the slow path, bounded by the line limit.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import re
 
-_UNSAFE_ASCII = re.compile(rb"[^\x20-\x7e]")
 # After the table below, only characters beyond Latin-1 can still be unprintable.
 _WIDE = re.compile("[^\x00-\xff]")
 
@@ -54,17 +55,13 @@ def sanitize_text(text: str) -> str:
     return _WIDE.sub(_escape_wide, text)
 
 
-def sanitize(data: bytes) -> str:
-    """Return `data` as a single safe line of text."""
-    if _UNSAFE_ASCII.search(data) is None:
-        return data.decode("ascii")
-    return sanitize_text(data.decode("utf-8", "surrogateescape"))
-
-
-def sanitize_line(data: bytes, *, limit: int = MAX_DISPLAY_CHARS) -> str:
-    """Sanitise one line for display, at most `limit` characters and a note saying it was cut."""
-    # Escaping makes a byte up to four characters long: cut the bytes first to bound the work.
-    text = sanitize(data[:limit])
-    if len(data) <= limit and len(text) <= limit:
-        return text
-    return f"{text[:limit]}... [cut: {len(data)} bytes in all]"
+def sanitize_line(text: str, *, limit: int = MAX_DISPLAY_CHARS) -> str:
+    """Sanitise one line from the network (decoded with `surrogateescape`) for display: at most
+    `limit` characters, and a note saying it was cut."""
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text  # the common case, in C
+    # Escaping makes a character up to ten long: cut first to bound the work.
+    shown = sanitize_text(text[:limit])
+    if len(text) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}... [cut: {len(text)} characters in all]"

@@ -16,7 +16,9 @@ import contextlib
 import functools
 import re
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
@@ -62,24 +64,27 @@ def _tls_context() -> ssl.SSLContext:
     return context
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
+    """A server's reply, as aiosmtplib's parser made it; not sanitised."""
+
     code: int
-    lines: tuple[bytes, ...]
-    """Each line as the server sent it, with its code and `-` or space."""
+    message: str
+    """The text of its lines without their codes, joined by newlines; what is not UTF-8 is kept
+    as surrogate escapes (`surrogateescape`)."""
 
     @property
-    def text(self) -> bytes:
-        return b" ".join(line[4:] for line in self.lines)
+    def lines(self) -> list[str]:
+        """Each line with its code and `-` or space, as the server sent it (trimmed)."""
+        code = str(self.code)
+        *more, last = self.message.split("\n")
+        return [f"{code}-{text}" for text in more] + [f"{code} {last}" if last else code]
 
-
-def _reply(response: aiosmtplib.SMTPResponse) -> Reply:
-    # aiosmtplib joins multi-line replies with "\n" and drops the per-line codes: put them back.
-    texts = response.message.encode("utf-8", "surrogateescape").split(b"\n")
-    code = str(response.code).encode()
-    lines = [code + b"-" + text for text in texts[:-1]]
-    lines.append(code + (b" " + texts[-1] if texts[-1] else b""))
-    return Reply(response.code, tuple(lines))
+    @property
+    def line(self) -> str:
+        """The whole reply on one line: its lines joined by spaces."""
+        if "\n" in self.message:
+            return " ".join(self.lines)
+        return f"{self.code} {self.message}" if self.message else str(self.code)
 
 
 def _translate(exc: aiosmtplib.SMTPException) -> Exception:
@@ -134,16 +139,20 @@ class SMTPSession:
         # The protocol waits for the greeting from the moment it is connected.
         return await self._exchange(b"")
 
-    async def command(self, line: bytes) -> Reply:
-        """Send one command line (without CRLF) exactly as given and return the reply."""
-        return await self._exchange(line + b"\r\n")
+    def command(self, line: bytes) -> Coroutine[Any, Any, Reply]:
+        """Send one command line (without CRLF) exactly as given and return the reply.
 
-    async def message(self, content: bytes) -> Reply:
+        The exchange itself is the awaitable: a coroutine frame less on each of the replies a
+        test awaits.
+        """
+        return self._exchange(line + b"\r\n")
+
+    def message(self, content: bytes) -> Coroutine[Any, Any, Reply]:
         """After a 354 to DATA: send the message, dot-stuffed and terminated; return the reply."""
         body = _DOT_AT_LINE_START.sub(b"..", content)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
-        return await self._exchange(body + b".\r\n")
+        return self._exchange(body + b".\r\n")
 
     async def _exchange(self, data: bytes) -> Reply:
         """Write `data` and read one reply within the reply timeout.
@@ -171,7 +180,7 @@ class SMTPSession:
             raise _translate(exc) from exc
         finally:
             self._reply_due = None
-        return _reply(response)
+        return Reply(response.code, response.message)
 
     def _expect_reply(self) -> None:
         """Give the server the reply timeout from now for its next reply.
@@ -215,7 +224,7 @@ class SMTPSession:
                 self.close()
                 raise _translate(exc) from exc
             _cancel_not_swallowed()
-            return _reply(aiosmtplib.SMTPResponse(exc.code, exc.message)), None
+            return Reply(exc.code, exc.message), None
         except aiosmtplib.SMTPTimeoutError as exc:
             self.close()
             raise TlsFailed("TLS handshake timed out") from exc
@@ -231,7 +240,7 @@ class SMTPSession:
             self.close()
             raise TlsFailed("TLS handshake failed: no TLS session")
         cipher = tls.cipher()
-        return _reply(response), TlsSession(
+        return Reply(response.code, response.message), TlsSession(
             version=tls.version() or "TLS",
             cipher=cipher[0] if cipher else "unknown",
             certificate=tls.getpeercert(binary_form=True),

@@ -18,8 +18,10 @@ from relayprobe.relaytest.events import (
     Note,
     Outcome,
     ProbeFinished,
+    Received,
     Relayed,
     RelayTestEnded,
+    Sent,
     Summary,
     TlsDemanded,
     TlsOffered,
@@ -60,6 +62,8 @@ def summarize(
     ended: RelayTestEnded | None = None
     for event in events:
         match event:
+            case Sent() | Received():
+                pass  # most events are the transcript's, and the fold needs none of them
             case Connecting(address=address):
                 target = address
             case Greeted(banner=text) if banner is None:

@@ -126,17 +126,17 @@ def in_plain_words(
 
 
 # TLS as a word of its own: not part of a host name such as tls-gw.example.net.
-_TLS_WORD = re.compile(rb"(?<![\w.-])(?:STARTTLS|TLS)(?![\w.-])", re.IGNORECASE)
+_TLS_WORD = re.compile(r"(?<![\w.-])(?:STARTTLS|TLS)(?![\w.-])", re.IGNORECASE | re.ASCII)
 # Addresses echoed in a refusal are the probe's own and may say anything.
-_ECHOED_ADDRESS = re.compile(rb"<[^<>]*>")
+_ECHOED_ADDRESS = re.compile(r"<[^<>]*>")
 
 
-def asks_for_tls(code: int, text: bytes) -> bool:
+def asks_for_tls(code: int, text: str) -> bool:
     """Whether a refusal says the server wants STARTTLS first: 530 (RFC 3207), or a 4xx/5xx
     that names TLS outside the addresses it echoes (`454 4.7.0 TLS required`)."""
     if code == 530:
         return True
-    return code >= 400 and _TLS_WORD.search(_ECHOED_ADDRESS.sub(b"", text)) is not None
+    return code >= 400 and _TLS_WORD.search(_ECHOED_ADDRESS.sub("", text)) is not None
 
 
 def classify(code: int) -> Outcome:

@@ -67,19 +67,20 @@ def _tls_json(tls: TlsReport) -> dict[str, Any]:
 
 def text_lines(event: Event) -> tuple[str, ...]:
     """The transcript lines for one event (without line endings)."""
+    # The commonest events first: a match tries its cases in order.
     match event:
-        case ServiceMessage(lines=lines):
-            return lines
-        case Connecting(address=address):
-            return (f"Connecting to {address} ...",)
         case Sent(line=line):
             return (f">>> {line}",)
-        case Received(line=line):
-            return (f"<<< {line}",)
+        case Received(lines=lines):
+            return tuple([f"<<< {line}" for line in lines])
         case ProbeStarted(name=name):
             return (f":Relay test: #{name}",)
         case Progress(text=text):
             return (f":{text}",)
+        case ServiceMessage(lines=lines):
+            return lines
+        case Connecting(address=address):
+            return (f"Connecting to {address} ...",)
         case TlsStarted():
             return (f":{tls_line(event)}",)
         case Relayed(name=name, after_s=after_s, source=source):

@@ -342,7 +342,9 @@ class FloodsEveryReply(FakeMailServer):
 async def test_reply_text_shown_per_test_is_bounded(start_server: StartServer) -> None:
     """Fails before the fix: every one of ~60 replies showed 25 lines of 4,000 characters."""
     run = await run_test(await start_server(FloodsEveryReply()))
-    shown = sum(len(event.line) for event in run.events if isinstance(event, Received))
+    shown = sum(
+        len(line) for event in run.events if isinstance(event, Received) for line in event.lines
+    )
     # The budget, the one reply that crosses it, then a short first line per reply.
     crossing = conversation.MAX_REPLY_LINES * 1100
     cut_lines = 100 * (conversation.CUT_REPLY_CHARS + 40)

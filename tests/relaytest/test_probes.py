@@ -224,3 +224,16 @@ def test_build_suite_rejects_unknown_suite() -> None:
 def test_build_suite_rejects_bad_extra_template() -> None:
     with pytest.raises(ValueError, match="unknown placeholder"):
         build_suite("classic", [Probe("Bad", "<{me}>", "<{rcpt}>")])
+
+
+@pytest.mark.parametrize(
+    ("template", "shown"),
+    [
+        ("<{rcpt}@{dom}>", "<n@relaytest.invalid>"),
+        ("<{{rcpt}}>", "<{n}>"),
+        ("<a{b>", "<a{b>"),
+        ("}{rcpt}{", "}n{"),
+    ],
+)
+def test_a_brace_that_is_no_placeholder_is_kept(template: str, shown: str) -> None:
+    assert render(template, {"rcpt": "n", "dom": "relaytest.invalid"}) == shown

@@ -6,10 +6,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayprobe.relaytest.sanitize import MAX_DISPLAY_CHARS, sanitize, sanitize_line, sanitize_text
+from relayprobe.relaytest.sanitize import MAX_DISPLAY_CHARS, sanitize_line, sanitize_text
 
 PRINTABLE_ASCII = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E))
-CUT_NOTE = re.compile(r"\.\.\. \[cut: (\d+) bytes in all\]\Z")
+CUT_NOTE = re.compile(r"\.\.\. \[cut: (\d+) characters in all\]\Z")
+
+
+def sanitize(data: bytes) -> str:
+    """Bytes from the network as the SMTP client hands them on (`surrogateescape`), sanitised."""
+    return sanitize_text(data.decode("utf-8", "surrogateescape"))
+
+
+def line(data: bytes, *, limit: int = MAX_DISPLAY_CHARS) -> str:
+    return sanitize_line(data.decode("utf-8", "surrogateescape"), limit=limit)
 
 
 def assert_harmless(text: str) -> None:
@@ -28,7 +37,7 @@ def test_any_bytes_come_out_harmless(data: bytes) -> None:
 
 @given(st.binary(max_size=3000), st.integers(min_value=1, max_value=1200))
 def test_any_line_comes_out_harmless(data: bytes, limit: int) -> None:
-    assert_harmless(sanitize_line(data, limit=limit))
+    assert_harmless(line(data, limit=limit))
 
 
 @given(st.text())
@@ -78,37 +87,37 @@ def test_encoded_surrogate_is_shown_as_its_bytes() -> None:
 
 
 def test_short_line_is_not_cut() -> None:
-    line = b"250 " + b"x" * (MAX_DISPLAY_CHARS - 4)
-    assert sanitize_line(line) == line.decode()
+    data = b"250 " + b"x" * (MAX_DISPLAY_CHARS - 4)
+    assert line(data) == data.decode()
 
 
 def test_long_line_is_cut_with_a_note() -> None:
-    line = b"250 " + b"x" * 2000
-    shown = sanitize_line(line)
-    assert shown == "250 " + "x" * (MAX_DISPLAY_CHARS - 4) + "... [cut: 2004 bytes in all]"
+    shown = line(b"250 " + b"x" * 2000)
+    assert shown == "250 " + "x" * (MAX_DISPLAY_CHARS - 4) + "... [cut: 2004 characters in all]"
 
 
 def test_cut_at_a_small_limit() -> None:
-    assert sanitize_line(b"abcdef", limit=3) == "abc... [cut: 6 bytes in all]"
+    assert line(b"abcdef", limit=3) == "abc... [cut: 6 characters in all]"
 
 
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=100))
 def test_line_never_exceeds_limit_plus_note(data: bytes, limit: int) -> None:
-    shown = sanitize_line(data, limit=limit)
+    shown = line(data, limit=limit)
     note = CUT_NOTE.search(shown)
     assert len(shown) <= limit + (len(note.group(0)) if note else 0)
 
 
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=100))
 def test_cut_note_says_how_long_the_line_was(data: bytes, limit: int) -> None:
-    shown = sanitize_line(data, limit=limit)
+    shown = line(data, limit=limit)
     note = CUT_NOTE.search(shown)
-    if len(data) <= limit and len(sanitize(data)) <= limit:
+    text = data.decode("utf-8", "surrogateescape")
+    if len(text) <= limit and len(sanitize(data)) <= limit:
         assert note is None
         assert shown == sanitize(data)
     else:
         assert note is not None
-        assert int(note.group(1)) == len(data)
+        assert int(note.group(1)) == len(text)
         assert len(shown) - len(note.group(0)) <= limit
 
 
@@ -123,3 +132,11 @@ def test_sanitize_text_escapes_control_characters() -> None:
 
 def test_sanitize_text_escapes_a_lone_surrogate() -> None:
     assert sanitize_text("a\ud800b") == "a\\ud800b"
+
+
+@given(st.text(), st.integers(min_value=1, max_value=1200))
+def test_any_text_line_comes_out_harmless_and_bounded(text: str, limit: int) -> None:
+    shown = sanitize_line(text, limit=limit)
+    assert_harmless(shown)
+    note = CUT_NOTE.search(shown)
+    assert len(shown) <= limit + (len(note.group(0)) if note else 0)

@@ -38,7 +38,7 @@ def probe(name: str, outcome: Outcome, *, tls: bool = False) -> ProbeFinished:
 def events(*middle: Event, incomplete: str | None = None) -> list[Event]:
     return [
         Connecting("192.0.2.25", 25),
-        Received(BANNER),
+        Received((BANNER,)),
         Greeted(BANNER, "mx.example.net"),
         *middle,
         RelayTestEnded(

@@ -296,15 +296,15 @@ def test_every_verdict_ends_with_one_plain_line(outcomes: dict[str, Outcome]) ->
 @pytest.mark.parametrize(
     ("code", "text", "asks"),
     [
-        (530, b"5.7.0 Must issue a STARTTLS command first", True),
-        (530, b"Authentication required", True),
-        (454, b"4.7.0 TLS required for this recipient", True),
-        (550, b"5.7.1 Please use starttls", True),
-        (454, b"4.7.1 <nobody%relaytest.invalid@tls-closed.example>: Relay access denied", False),
-        (554, b"5.7.1 <nobody@relaytest.invalid>: rejected by mx.tls.example.net", False),
-        (550, b"5.7.1 <tls@example.net>: no TLS here? Relay access denied", True),
-        (250, b"2.1.0 TLS is nice", False),
+        (530, "5.7.0 Must issue a STARTTLS command first", True),
+        (530, "Authentication required", True),
+        (454, "4.7.0 TLS required for this recipient", True),
+        (550, "5.7.1 Please use starttls", True),
+        (454, "4.7.1 <nobody%relaytest.invalid@tls-closed.example>: Relay access denied", False),
+        (554, "5.7.1 <nobody@relaytest.invalid>: rejected by mx.tls.example.net", False),
+        (550, "5.7.1 <tls@example.net>: no TLS here? Relay access denied", True),
+        (250, "2.1.0 TLS is nice", False),
     ],
 )
-def test_a_refusal_asks_for_tls_only_when_it_says_so(code: int, text: bytes, asks: bool) -> None:
+def test_a_refusal_asks_for_tls_only_when_it_says_so(code: int, text: str, asks: bool) -> None:
     assert asks_for_tls(code, text) is asks

@@ -64,7 +64,7 @@ SUMMARY = Summary(
         # Lines as they appear in the seed transcripts.
         (Connecting("192.168.0.4", 25), ("Connecting to 192.168.0.4 ...",)),
         (
-            Received("220 mail2.example.com ESMTP Postfix"),
+            Received(("220 mail2.example.com ESMTP Postfix",)),
             ("<<< 220 mail2.example.com ESMTP Postfix",),
         ),
         (Sent("rset"), (">>> rset",)),
@@ -78,8 +78,11 @@ SUMMARY = Summary(
             Sent("MAIL FROM:<spamtest@mail2.example.com>"),
             (">>> MAIL FROM:<spamtest@mail2.example.com>",),
         ),
-        (Received("250-mail2.example.com"), ("<<< 250-mail2.example.com",)),
-        (Received("250 Ok"), ("<<< 250 Ok",)),
+        (
+            Received(("250-mail2.example.com", "250 Ok")),
+            ("<<< 250-mail2.example.com", "<<< 250 Ok"),
+        ),
+        (Received(("250 Ok",)), ("<<< 250 Ok",)),
         (ProbeStarted("Test 19"), (":Relay test: #Test 19",)),
         (Progress("Reconnecting after 421"), (":Reconnecting after 421",)),
         (
