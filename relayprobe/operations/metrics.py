@@ -8,6 +8,7 @@ and every known value is exported from the start, at zero.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -136,8 +137,9 @@ class Metrics:
         checked = [_check("outcome", outcome, OUTCOMES) for outcome in outcomes]
         self._tests_finished.labels(verdict=verdict).inc()
         self._session_duration.observe(duration_s)
-        for outcome in checked:
-            self._probe_outcomes.labels(outcome=outcome).inc()
+        # One labelled child per outcome, not per probe: labels() takes a lock and a lookup.
+        for outcome, count in collections.Counter(checked).items():
+            self._probe_outcomes.labels(outcome=outcome).inc(count)
 
     def refused(self, reason: str) -> None:
         """Count a refused session; raises ValueError for a reason not in REFUSAL_REASONS."""
