@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import cast
 
 import structlog
@@ -29,7 +29,7 @@ from relayprobe.frontdoors.tcpstate import (
     limit_send_queue,
     peer_state,
 )
-from relayprobe.frontdoors.telnetcodec import NO_OPERATION, TelnetInput, encode_line
+from relayprobe.frontdoors.telnetcodec import NO_OPERATION, TelnetInput, encode_lines
 from relayprobe.operations.config import Endpoint
 from relayprobe.operations.startup import StartupError, bind_advice
 from relayprobe.relaytest.events import Event
@@ -76,6 +76,9 @@ class TelnetSession(asyncio.Protocol):
         # Once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
         self.pending: list[bytes] = []
+        self.pending_lines: list[str] = []
+        """Transcript lines queued after the last of `pending`: encoded together, in order, when
+        other output follows or at the flush."""
         self.flush_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.proxy: ProxyHeaderParser | None = None
@@ -130,7 +133,7 @@ class TelnetSession(asyncio.Protocol):
         self.input_budget.take(len(data))
         result = self.telnet.feed(data)
         if result.reply:
-            self._queue((result.reply,))
+            self._queue(result.reply)
         if result.interrupted:
             self.end(EndReason.INTERRUPTED)
 
@@ -267,21 +270,38 @@ class TelnetSession(asyncio.Protocol):
     # Output
 
     def write_line(self, line: str) -> None:
-        self._queue((encode_line(line),))
+        if self._output_open():
+            self.pending_lines.append(line)
 
-    def _queue(self, chunks: Iterable[bytes]) -> None:
-        """Queue output for the caller; what comes within OUTPUT_DELAY_S goes out in one write."""
+    def show(self, event: Event, lines: tuple[str, ...]) -> None:
+        if lines and self._output_open():
+            self.pending_lines.extend(lines)
+
+    def _queue(self, data: bytes) -> None:
+        if self._output_open():
+            self._encode_pending_lines()
+            self.pending.append(data)
+
+    def _output_open(self) -> bool:
+        """Whether output can still go out; if so, it goes out within OUTPUT_DELAY_S, in one
+        write with whatever else comes by then."""
         transport = self.transport
         if transport is None or transport.is_closing():
-            return
+            return False
         if self.flush_timer is None:
             self.flush_timer = self.loop.call_later(OUTPUT_DELAY_S, self.flush)
-        self.pending.extend(chunks)
+        return True
+
+    def _encode_pending_lines(self) -> None:
+        if self.pending_lines:
+            self.pending.append(encode_lines(self.pending_lines))
+            self.pending_lines = []
 
     def flush(self) -> None:
         if self.flush_timer is not None:
             self.flush_timer.cancel()
             self.flush_timer = None
+        self._encode_pending_lines()
         pending, self.pending = self.pending, []
         transport = self.transport
         if not pending or transport is None or transport.is_closing():
@@ -290,9 +310,6 @@ class TelnetSession(asyncio.Protocol):
         self.written_since_check = True
         if transport.get_write_buffer_size() > self.core.settings.caller_output_bytes:
             self.end(EndReason.SLOW_CLIENT)
-
-    def show(self, event: Event, lines: tuple[str, ...]) -> None:
-        self._queue(map(encode_line, lines))
 
     # Ending
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IAC = 0xFF
@@ -218,3 +219,15 @@ def encode_line(text: str) -> bytes:
         text = text.translate(_LINE_BREAK_ESCAPES)
     # "backslashreplace" keeps the output valid UTF-8; "surrogateescape" could emit a raw IAC.
     return text.encode("utf-8", "backslashreplace") + b"\r\n"
+
+
+def encode_lines(lines: Sequence[str]) -> bytes:
+    """`encode_line` of each line, joined, in one go: what comes out is the same bytes.
+
+    When no line has a CR or LF of its own (the two counts below find only the joins), the
+    whole text is encoded at once, in C; otherwise line by line.
+    """
+    text = "\r\n".join(lines) + "\r\n"
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        return b"".join(map(encode_line, lines))
+    return text.encode("utf-8", "backslashreplace")

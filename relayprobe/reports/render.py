@@ -75,6 +75,8 @@ def text_lines(event: Event) -> tuple[str, ...]:
             return tuple([f"<<< {line}" for line in lines])
         case ProbeStarted(name=name):
             return (f":Relay test: #{name}",)
+        case ProbeFinished():
+            return ()  # a fact for the summary, one per probe
         case Progress(text=text):
             return (f":{text}",)
         case ServiceMessage(lines=lines):

@@ -11,6 +11,7 @@ from relayprobe.frontdoors.telnetcodec import (
     TelnetFeedResult,
     TelnetInput,
     encode_line,
+    encode_lines,
 )
 
 # What Debian's netkit telnet sends first when connecting to port 23.
@@ -262,3 +263,12 @@ def test_encode_line_is_one_safe_line(text: str) -> None:
 @given(st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\r\n")))
 def test_encode_line_keeps_ordinary_text(text: str) -> None:
     assert encode_line(text) == text.encode() + b"\r\n"
+
+
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=8))
+def test_encoding_lines_together_is_encoding_each(lines: list[str]) -> None:
+    assert encode_lines(lines) == b"".join(encode_line(line) for line in lines)
+
+
+def test_a_line_break_inside_a_line_is_escaped_when_encoded_together() -> None:
+    assert encode_lines(["a", "b\r\nc", "d"]) == b"a\r\nb\\r\\nc\r\nd\r\n"
