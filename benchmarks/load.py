@@ -19,6 +19,11 @@ With the telnet door every repeat also runs a yardstick, in alternating order wi
 timeouts, limits or sanitising), served by the same callers and fake; then the ratio of
 relayprobe to the yardstick, for sessions/s, p99 and service CPU per test. Issue 13's targets at
 1,000 callers: at least 0.8x the yardstick's sessions/s, and service CPU at most 1.8x the fake's.
+`--same-sessions` makes the yardstick open a fresh SMTP session where relayprobe's error budget
+does (three a test against the fake, instead of one), so that both hold the same conversation.
+`--trial NAME` runs, instead of relayprobe, relayprobe with a part of its work taken away
+(`benchmarks.trials`: no transcript, one SMTP session a test, or neither), to measure what that
+part costs against the same yardstick.
 
 With `--door http` the callers are curl-style HTTP clients of the web front door instead
 (`GET /`, `Accept: */*`, reading the streamed transcript until the service closes), and there is
@@ -72,6 +77,7 @@ from pathlib import Path
 
 import redis
 
+from benchmarks.trials import TRIALS
 from relayprobe.fakemx import FakeMailServer, relays_everything, relays_nothing
 from relayprobe.frontdoors.core import BUSY
 from relayprobe.operations import runtime
@@ -331,12 +337,18 @@ class Setup:
     stateful: bool = False
     relay: bool = False
     redis_timeout: float | None = None  # None: the service's default
+    trial: str | None = None
+    """A `benchmarks.trials` name: relayprobe with that part of its work taken away."""
+    same_sessions: bool = False
+    """For the yardstick: a fresh SMTP session where relayprobe's error budget opens one."""
 
     @property
     def label(self) -> str:
         """How the table names this setup."""
         if self.yardstick:
-            return "bare-bones reflector"
+            return "reflector, same sessions" if self.same_sessions else "bare-bones reflector"
+        if self.trial is not None:
+            return f"trial {self.trial}"
         if not self.stateful:
             return "relayprobe"
         state = "Redis" if self.redis else "in memory"
@@ -377,12 +389,14 @@ def service_command(
         return [
             *(sys.executable, "-m", "benchmarks.bare_reflector"),
             *("--listen", f"127.0.0.1:{ports.door}", "--target-port", str(mail_port)),
+            *(("--same-sessions",) if setup.same_sessions else ()),
         ]
     telnet, web = (
         (ports.door, ports.other_door) if door == "telnet" else (ports.other_door, ports.door)
     )
+    program = ("benchmarks.trials", setup.trial) if setup.trial else ("relayprobe",)
     command = [
-        *(sys.executable, "-m", "relayprobe", "serve"),
+        *(sys.executable, "-m", *program, "serve"),
         *("--listen", f"127.0.0.1:{telnet}", "--web-listen", f"127.0.0.1:{web}"),
         *("--target-port", str(mail_port), "--max-sessions", str(MAX_SESSIONS)),
         *("--no-history", "--log-format", "json"),
@@ -1066,6 +1080,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"with --replicas: the replicas' --redis-timeout, at most {MAX_REDIS_TIMEOUT_S:g} "
         "(default: the service's)",
     )
+    parser.add_argument(
+        "--trial",
+        choices=TRIALS,
+        help="run relayprobe with a part of its work taken away (see benchmarks/trials.py) "
+        "instead, against the yardstick",
+    )
+    parser.add_argument(
+        "--same-sessions",
+        action="store_true",
+        help="the yardstick opens a fresh SMTP session where relayprobe's error budget does "
+        "(three a test here) instead of one a test",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(arguments)
     if not all(1 <= sessions <= MAX_SESSIONS for sessions in args.sessions):
@@ -1078,13 +1104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--replicas must be between 2 and {MAX_REPLICAS}")
     if args.replicas is None and (args.relay or args.redis_timeout is not None):
         parser.error("--relay and --redis-timeout need --replicas")
+    if (args.trial is not None or args.same_sessions) and (
+        args.replicas is not None or args.door != "telnet"
+    ):
+        parser.error("--trial and --same-sessions are for the telnet door, without --replicas")
     if args.redis_timeout is not None and not 0 < args.redis_timeout <= MAX_REDIS_TIMEOUT_S:
         parser.error(f"--redis-timeout must be above 0 and at most {MAX_REDIS_TIMEOUT_S:g}")
     setups: tuple[Setup, ...]
     if args.replicas is not None:
         setups = compared_setups(args.replicas, args.relay, args.redis_timeout)
     elif args.door == "telnet":
-        setups = (Setup(yardstick=True), Setup())
+        setups = (Setup(yardstick=True, same_sessions=args.same_sessions), Setup(trial=args.trial))
     else:
         setups = (Setup(),)
     if any(setup.redis for setup in setups) and (missing := redis_available()):
