@@ -54,7 +54,8 @@ async def relay_test(
         caller.write(f">>> {line}\r\n".encode())
         server.write(f"{line}\r\n".encode())
         answer = await reply(reader, caller)
-        budget.record(int(answer[:3]))
+        if same_sessions and answer[:3].isdigit():
+            budget.record(int(answer[:3]))
         return answer
 
     try:

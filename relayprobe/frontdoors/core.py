@@ -226,14 +226,12 @@ class SessionCore:
         running = RunningTest(
             ticket, log.bind(session=ticket.session_id, door=ticket.door, target=str(ticket.caller))
         )
+        test = self._run(running, on_lines, checkpoint)  # before anything is counted
         self.running[ticket.session_id] = running
         self.metrics.session_opened()
         self.metrics.test_started()
         running.log.info("session_start")
-        running.task = asyncio.create_task(
-            self._run(running, on_lines, checkpoint),
-            name=f"session-{ticket.session_id}",
-        )
+        running.task = asyncio.create_task(test, name=f"session-{ticket.session_id}")
         running.task.add_done_callback(
             functools.partial(self._done, running, time.monotonic(), on_done)
         )

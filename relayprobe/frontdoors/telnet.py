@@ -293,9 +293,9 @@ class TelnetSession(asyncio.Protocol):
         return True
 
     def _encode_pending_lines(self) -> None:
-        if self.pending_lines:
-            self.pending.append(encode_lines(self.pending_lines))
-            self.pending_lines = []
+        lines, self.pending_lines = self.pending_lines, []
+        if lines:
+            self.pending.append(encode_lines(lines))
 
     def flush(self) -> None:
         if self.flush_timer is not None:

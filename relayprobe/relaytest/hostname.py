@@ -18,9 +18,14 @@ def is_hostname(name: str) -> bool:
     )
 
 
+# Words are split at ASCII white space alone: a no-break space or a control character is part
+# of the word (and so no host name).
+_FIRST_WORD = re.compile(r"\s*(\S+)", re.ASCII)
+
+
 def banner_hostname(banner: str) -> str | None:
     """The first word after the code in a 220 greeting, when it is a host name."""
-    words = banner[4:].split(None, 1)
-    if not words:
+    word = _FIRST_WORD.match(banner, 4)
+    if word is None:
         return None
-    return words[0] if is_hostname(words[0]) else None
+    return word.group(1) if is_hostname(word.group(1)) else None

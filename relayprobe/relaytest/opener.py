@@ -7,6 +7,7 @@ offers or demands; the events say the rest.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from relayprobe.relaytest.certificate import describe
@@ -28,6 +29,14 @@ from relayprobe.relaytest.smtpclient import (
     SMTPSession,
     TlsFailed,
 )
+
+_STARTTLS = re.compile("STARTTLS", re.IGNORECASE | re.ASCII)
+
+
+def offers_starttls(ehlo: Reply) -> bool:
+    """Whether an EHLO reply lists STARTTLS. ASCII case only: Unicode case mapping would read
+    "\u017ftarttls" (with a long s) as STARTTLS."""
+    return any(_STARTTLS.match(text) for text in ehlo.message.split("\n"))
 
 
 class TlsUnavailable(ConnectionError):
@@ -188,9 +197,7 @@ class SessionOpener:
         if not self.use_helo:
             reply = await talk.command(f"EHLO {self.helo_name}")
             if 200 <= reply.code < 300:
-                offered = any(
-                    text.upper().startswith("STARTTLS") for text in reply.message.split("\n")
-                )
+                offered = offers_starttls(reply)
                 if offered and not self.tls.offered:
                     self.tls.offered = True
                     talk.emit(TlsOffered())

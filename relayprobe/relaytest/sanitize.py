@@ -60,8 +60,29 @@ def sanitize_line(text: str, *, limit: int = MAX_DISPLAY_CHARS) -> str:
     `limit` characters, and a note saying it was cut."""
     if len(text) <= limit and text.isascii() and text.isprintable():
         return text  # the common case, in C
-    # Escaping makes a character up to ten long: cut first to bound the work.
-    shown = sanitize_text(text[:limit])
+    shown = _sanitized_prefix(text, limit)
     if len(text) <= limit and len(shown) <= limit:
         return shown
     return f"{shown[:limit]}... [cut: {len(text)} characters in all]"
+
+
+# Escaping works a piece of this size at a time, so that it can stop early.
+_PIECE = 256
+
+
+def _sanitized_prefix(text: str, limit: int) -> str:
+    """`sanitize_text(text[:limit])`, or as much of it as gets longer than `limit`.
+
+    Escaping is done character by character and never shortens anything, so past `limit`
+    characters of output nothing more is shown; a hostile line of characters that escape to ten
+    each (some of them a Python call each) stops after a tenth of the line.
+    """
+    pieces: list[str] = []
+    size = 0
+    for start in range(0, min(len(text), limit), _PIECE):
+        piece = sanitize_text(text[start : min(start + _PIECE, limit)])
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    return "".join(pieces)

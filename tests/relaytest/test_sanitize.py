@@ -140,3 +140,21 @@ def test_any_text_line_comes_out_harmless_and_bounded(text: str, limit: int) -> 
     assert_harmless(shown)
     note = CUT_NOTE.search(shown)
     assert len(shown) <= limit + (len(note.group(0)) if note else 0)
+
+
+def escaped_whole(text: str, limit: int) -> str:
+    """What sanitize_line shows, made the slow way: the whole first `limit` characters escaped."""
+    shown = sanitize_text(text[:limit])
+    if len(text) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}... [cut: {len(text)} characters in all]"
+
+
+@given(st.text(max_size=3000), st.integers(min_value=1, max_value=1200))
+def test_escaping_stops_early_without_changing_what_is_shown(text: str, limit: int) -> None:
+    assert sanitize_line(text, limit=limit) == escaped_whole(text, limit)
+
+
+def test_a_line_of_characters_that_escape_long_is_cut_like_the_rest() -> None:
+    text = "\U000e0001" * 5000
+    assert sanitize_line(text) == escaped_whole(text, MAX_DISPLAY_CHARS)
