@@ -58,24 +58,28 @@ async def relay_test(
             budget.record(int(answer[:3]))
         return answer
 
+    async def greet() -> str:
+        """Read the greeting and say EHLO; the greeting's last line."""
+        greeting = await reply(reader, caller)
+        await command("EHLO relayprobe.invalid")
+        return greeting
+
     try:
-        banner = (await reply(reader, caller)).split()
+        banner = (await greet()).split()
         literal = address_literal(target)
         host = banner[1] if len(banner) > 1 else literal
         context = ProbeContext(
             host=host, ip=literal, dom="relaytest.invalid", foreign="example.net"
         )
         values = context.values(rcpt="nobody")
-        await command("EHLO relayprobe.invalid")
         accepted = 0
         for probe in CLASSIC:
             if same_sessions and budget.spent:
                 await command("QUIT")
                 server.close()
                 reader, server = await asyncio.open_connection(target, port)
-                await reply(reader, caller)
                 budget.reset()
-                await command("EHLO relayprobe.invalid")
+                await greet()
             caller.write(f":Relay test: #{probe.name}\r\n".encode())
             await command(f"MAIL FROM:{render(probe.mail_from, values)}")
             accepted += (await command(f"RCPT TO:{render(probe.rcpt_to, values)}")).startswith("2")
