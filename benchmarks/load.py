@@ -23,7 +23,9 @@ relayprobe to the yardstick, for sessions/s, p99 and service CPU per test. Issue
 does (three a test against the fake, instead of one), so that both hold the same conversation.
 `--trial NAME` runs, instead of relayprobe, relayprobe with a part of its work taken away
 (`benchmarks.trials`: no transcript, one SMTP session a test, or neither), to measure what that
-part costs against the same yardstick.
+part costs against the same yardstick. `--yardsticks` runs no relayprobe at all: the yardstick
+holding the same sessions against the one-session yardstick, which is what the spec's fresh
+sessions cost an implementation that does nothing else.
 
 With `--door http` the callers are curl-style HTTP clients of the web front door instead
 (`GET /`, `Accept: */*`, reading the streamed transcript until the service closes), and there is
@@ -48,6 +50,7 @@ replicas a bound on each Redis call other than the service's default.
 Run from the repository root:
 
     python -m benchmarks.load [--door telnet|http] [--sessions 100 1000] [--repeat R]
+                              [--trial NAME | --same-sessions | --yardsticks]
                               [--replicas R [--relay] [--redis-timeout S]] [--timeout S] [--json]
 
 (`python -m benchmarks.load fake --count N` is the fake mail server process it starts.)
@@ -1092,6 +1095,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the yardstick opens a fresh SMTP session where relayprobe's error budget does "
         "(three a test here) instead of one a test",
     )
+    parser.add_argument(
+        "--yardsticks",
+        action="store_true",
+        help="no relayprobe: the yardstick holding the same sessions against the one-session "
+        "yardstick (what the fresh sessions alone cost)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(arguments)
     if not all(1 <= sessions <= MAX_SESSIONS for sessions in args.sessions):
@@ -1104,15 +1113,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--replicas must be between 2 and {MAX_REPLICAS}")
     if args.replicas is None and (args.relay or args.redis_timeout is not None):
         parser.error("--relay and --redis-timeout need --replicas")
-    if (args.trial is not None or args.same_sessions) and (
+    if (args.trial is not None or args.same_sessions or args.yardsticks) and (
         args.replicas is not None or args.door != "telnet"
     ):
-        parser.error("--trial and --same-sessions are for the telnet door, without --replicas")
+        parser.error(
+            "--trial, --same-sessions and --yardsticks are for the telnet door, without --replicas"
+        )
+    if args.yardsticks and (args.trial is not None or args.same_sessions):
+        parser.error(
+            "--yardsticks runs both yardsticks and no relayprobe: no --trial or --same-sessions"
+        )
     if args.redis_timeout is not None and not 0 < args.redis_timeout <= MAX_REDIS_TIMEOUT_S:
         parser.error(f"--redis-timeout must be above 0 and at most {MAX_REDIS_TIMEOUT_S:g}")
     setups: tuple[Setup, ...]
     if args.replicas is not None:
         setups = compared_setups(args.replicas, args.relay, args.redis_timeout)
+    elif args.yardsticks:
+        setups = (Setup(yardstick=True), Setup(yardstick=True, same_sessions=True))
     elif args.door == "telnet":
         setups = (Setup(yardstick=True, same_sessions=args.same_sessions), Setup(trial=args.trial))
     else:
