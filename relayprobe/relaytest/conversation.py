@@ -107,15 +107,17 @@ class Conversation:
         """Emit the reply as shown: sanitised, at most MAX_REPLY_LINES lines, and past
         MAX_REPLY_CHARS of replies in a test only its first line, cut short."""
         in_full = self.reply_chars_shown < MAX_REPLY_CHARS
+        limit = MAX_DISPLAY_CHARS if in_full else CUT_REPLY_CHARS
         if "\n" in reply.message:
             lines = reply.lines
             shown = lines[:MAX_REPLY_LINES] if in_full else lines[:1]
             hidden = len(lines) - len(shown)
+            texts = tuple([sanitize_line(line, limit=limit) for line in shown])
+            self.reply_chars_shown += sum(map(len, texts))
         else:
-            shown, hidden = [reply.line], 0
-        limit = MAX_DISPLAY_CHARS if in_full else CUT_REPLY_CHARS
-        texts = tuple([sanitize_line(line, limit=limit) for line in shown])
-        self.reply_chars_shown += sum(map(len, texts))
+            text = sanitize_line(reply.line, limit=limit)
+            texts, hidden = (text,), 0
+            self.reply_chars_shown += len(text)
         self.emit(Received(texts))
         if hidden > 0:
             self.progress(f"{hidden} more reply lines not shown")

@@ -35,7 +35,7 @@ from relayprobe.relaytest.probes import Probe, ProbeContext, address_literal, re
 from relayprobe.relaytest.rdns import lookup_ptr
 from relayprobe.relaytest.sanitize import sanitize_line
 from relayprobe.relaytest.smtpclient import Reply
-from relayprobe.relaytest.summary import summarize
+from relayprobe.relaytest.summary import TRANSCRIPT_ONLY, summarize
 from relayprobe.relaytest.verdict import asks_for_tls, classify
 
 Emit = Callable[[Event], None]
@@ -100,8 +100,14 @@ class _RelayTest:
         self.context: ProbeContext | None = None
 
     def emit(self, event: Event) -> None:
-        """Pass `event` on, and keep it: the summary is a fold over them all."""
-        self.events.append(event)
+        """Pass `event` on, and keep it if the summary is folded from it.
+
+        The transcript's own events (three in four) are not kept: under load a test holds on to
+        what it keeps for seconds, and every object kept that long is one more for the garbage
+        collector to walk, again and again.
+        """
+        if type(event) not in TRANSCRIPT_ONLY:
+            self.events.append(event)
         self._emit_outside(event)
 
     async def run(self, ptr_lookup: PtrLookup) -> Summary:

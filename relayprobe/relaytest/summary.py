@@ -18,6 +18,8 @@ from relayprobe.relaytest.events import (
     Note,
     Outcome,
     ProbeFinished,
+    ProbeStarted,
+    Progress,
     Received,
     Relayed,
     RelayTestEnded,
@@ -31,6 +33,9 @@ from relayprobe.relaytest.events import (
 )
 from relayprobe.relaytest.verdict import Confirmation, summary_lines, verdict
 from relayprobe.reports.render import tls_line
+
+TRANSCRIPT_ONLY: frozenset[type[Event]] = frozenset({Sent, Received, Progress, ProbeStarted})
+"""Events the fold reads nothing from: most of a test's events, which it need not keep."""
 
 
 def _tls_notes(tls: TlsReport, failure: str | None, policy: str) -> tuple[str, ...]:
@@ -62,8 +67,6 @@ def summarize(
     ended: RelayTestEnded | None = None
     for event in events:
         match event:
-            case Sent() | Received():
-                pass  # most events are the transcript's, and the fold needs none of them
             case Connecting(address=address):
                 target = address
             case Greeted(banner=text) if banner is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -22,6 +23,7 @@ from relayprobe.relaytest import conversation
 from relayprobe.relaytest.engine import run_relay_test
 from relayprobe.relaytest.events import Event, Outcome, Progress, Received, Summary
 from relayprobe.relaytest.options import RelayTestOptions
+from relayprobe.relaytest.summary import TRANSCRIPT_ONLY, summarize
 from relayprobe.reports.render import Transcript
 from tests.conftest import StartServer
 
@@ -166,6 +168,27 @@ async def test_server_that_drops_mid_suite_still_gets_every_probe(
         line.startswith(":connection closed by the server during") for line in run.transcript
     )
     assert any(line.startswith(":Reconnecting to 127.0.0.1") for line in run.transcript)
+
+
+@pytest.mark.parametrize(
+    "make_server",
+    [
+        lambda: FakeMailServer(relay=relays_nothing),
+        lambda: FakeMailServer(relay=relays_like_qmail),
+        lambda: DropsEverySecondRcpt(relay=relays_nothing),
+    ],
+    ids=["closed", "qmail-like", "drops"],
+)
+async def test_the_summary_is_folded_from_facts_alone(
+    start_server: StartServer, make_server: Callable[[], FakeMailServer]
+) -> None:
+    """The engine keeps only the events the summary reads (a test under load holds on to what
+    it keeps): the transcript's own events change nothing in the fold."""
+    run = await run_test(await start_server(make_server()))
+    everything = run.events[:-1]  # up to the summary
+    facts = [event for event in everything if type(event) not in TRANSCRIPT_ONLY]
+    assert len(facts) < len(everything) / 2
+    assert summarize(facts) == summarize(everything) == run.summary
 
 
 class StallsOnce(FakeMailServer):

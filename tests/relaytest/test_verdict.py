@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from relayprobe.relaytest import verdict as verdict_module
 from relayprobe.relaytest.events import Outcome, ProbeFinished
 from relayprobe.relaytest.probes import CLASSIC, AddressForm
 from relayprobe.relaytest.verdict import (
@@ -308,3 +311,17 @@ def test_every_verdict_ends_with_one_plain_line(outcomes: dict[str, Outcome]) ->
 )
 def test_a_refusal_asks_for_tls_only_when_it_says_so(code: int, text: str, asks: bool) -> None:
     assert asks_for_tls(code, text) is asks
+
+
+# Text that is mostly the characters the word rules turn on, and some that change case oddly.
+TLS_TEXT = st.text(alphabet=st.sampled_from("TLSARtlsar <>.-_@%1 \u0130\u017f\u212a"), max_size=40)
+
+
+@given(code=st.sampled_from([250, 421, 450, 454, 530, 550, 554]), text=TLS_TEXT)
+def test_the_quick_look_for_tls_changes_no_answer(code: int, text: str) -> None:
+    """The look for the letters before the word rules is a shortcut, never a different rule."""
+    without_addresses = verdict_module._ECHOED_ADDRESS.sub("", text)
+    by_the_rules = code == 530 or (
+        code >= 400 and verdict_module._TLS_WORD.search(without_addresses) is not None
+    )
+    assert asks_for_tls(code, text) is by_the_rules
