@@ -21,12 +21,13 @@ from typing import Any
 from relayprobe import cli, testrun
 from relayprobe.relaytest import budget, engine
 from relayprobe.relaytest.events import Event, Summary
+from relayprobe.relaytest.options import RelayTestOptions
 
 TRIALS = ("no-transcript", "one-session", "neither")
 
 
 def _passing_on_the_summary_alone(
-    target: str, options: Any, emit: engine.Emit, **keywords: Any
+    target: str, options: RelayTestOptions, emit: engine.Emit, **keywords: Any
 ) -> Coroutine[Any, Any, Summary]:
     def summary_alone(event: Event) -> None:
         if isinstance(event, Summary):
