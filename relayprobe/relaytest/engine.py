@@ -66,7 +66,8 @@ class _RelayTest:
         self.target = target
         self.options = options
         self._emit_outside = emit
-        self.events: list[Event] = []
+        self.facts: list[Event] = []
+        """The events the summary is folded from (not `TRANSCRIPT_ONLY`)."""
         self.checkpoint = checkpoint
         self.confirmer = (
             None
@@ -107,7 +108,7 @@ class _RelayTest:
         collector to walk, again and again.
         """
         if type(event) not in TRANSCRIPT_ONLY:
-            self.events.append(event)
+            self.facts.append(event)
         self._emit_outside(event)
 
     async def run(self, ptr_lookup: PtrLookup) -> Summary:
@@ -159,7 +160,7 @@ class _RelayTest:
                 duration_s=time.monotonic() - started,
             )
         )
-        summary = summarize(self.events, notes=self.options.notes, starttls=self.options.starttls)
+        summary = summarize(self.facts, notes=self.options.notes, starttls=self.options.starttls)
         self.emit(summary)
         return summary
 

@@ -179,11 +179,11 @@ async def test_server_that_drops_mid_suite_still_gets_every_probe(
     ],
     ids=["closed", "qmail-like", "drops"],
 )
-async def test_the_summary_is_folded_from_facts_alone(
+async def test_the_summary_reads_nothing_from_the_transcripts_own_events(
     start_server: StartServer, make_server: Callable[[], FakeMailServer]
 ) -> None:
-    """The engine keeps only the events the summary reads (a test under load holds on to what
-    it keeps): the transcript's own events change nothing in the fold."""
+    """What lets the engine keep only the other events (a test under load holds on to what it
+    keeps): leaving out the transcript's own changes nothing in the fold."""
     run = await run_test(await start_server(make_server()))
     everything = run.events[:-1]  # up to the summary
     facts = [event for event in everything if type(event) not in TRANSCRIPT_ONLY]
